@@ -1,0 +1,59 @@
+"""Typed API errors and OpenAI's error envelope. Mapped to HTTP once, in the app."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class APIError(Exception):
+    status_code = 400
+    error_type = "invalid_request_error"
+    default_code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+
+    def envelope(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequestError(APIError):
+    """The request is well-formed JSON but asks for something invalid (400)."""
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    default_code = "context_length_exceeded"
+
+
+class ModelNotFoundError(APIError):
+    status_code = 404
+    default_code = "model_not_found"
+
+
+class NotFoundError(APIError):
+    status_code = 404
+    default_code = "not_found"
+
+
+class ServiceUnavailableError(APIError):
+    """The engine is not loaded, has died, or the server is shutting down (503)."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    default_code = "service_unavailable"
+
+
+class InternalServerError(APIError):
+    status_code = 500
+    error_type = "server_error"
+    default_code = "internal_error"

@@ -1,0 +1,193 @@
+"""Typed server settings: YAML preset < environment (JAMBA_*) < CLI flags.
+
+Engine fields use vLLM's own names so a preset reads like `vllm serve` arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENV_PREFIX = "JAMBA_"
+DEFAULT_TEMPLATE = Path(__file__).parent / "templates" / "jamba-1.5.jinja"
+
+
+class SettingsError(ValueError):
+    """A preset, environment variable or flag that cannot be used."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # Engine (vLLM names)
+    model: str
+    served_model_name: str | None = None
+    tokenizer: str | None = None
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    quantization: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = Field(None, ge=16)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_num_seqs: int | None = Field(None, ge=1)
+    enforce_eager: bool = False
+    trust_remote_code: bool = False
+    enable_prefix_caching: bool | None = None
+    seed: int | None = None
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict)
+
+    # Server
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    chat_template: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def public_model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for vLLM's `AsyncEngineArgs`."""
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "served_model_name": self.public_model_name,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "pipeline_parallel_size": self.pipeline_parallel_size,
+            "dtype": self.dtype,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "enforce_eager": self.enforce_eager,
+            "trust_remote_code": self.trust_remote_code,
+        }
+        optional = {
+            "tokenizer": self.tokenizer,
+            "quantization": self.quantization,
+            "max_model_len": self.max_model_len,
+            "max_num_seqs": self.max_num_seqs,
+            "enable_prefix_caching": self.enable_prefix_caching,
+            "seed": self.seed,
+        }
+        kwargs.update({k: v for k, v in optional.items() if v is not None})
+        overlap = set(kwargs) & set(self.engine_args)
+        if overlap:
+            raise SettingsError(
+                f"engine_args repeats typed settings {sorted(overlap)}; set them directly"
+            )
+        kwargs.update(self.engine_args)
+        return kwargs
+
+    def chat_template_text(self) -> str:
+        path = Path(self.chat_template) if self.chat_template else DEFAULT_TEMPLATE
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SettingsError(f"cannot read chat template {path}: {exc}") from exc
+
+
+# Fields settable from flags/env, with the parser type for their string form.
+_SCALAR_FIELDS: dict[str, Any] = {
+    "model": str,
+    "served_model_name": str,
+    "tokenizer": str,
+    "tensor_parallel_size": int,
+    "pipeline_parallel_size": int,
+    "quantization": str,
+    "dtype": str,
+    "max_model_len": int,
+    "gpu_memory_utilization": float,
+    "max_num_seqs": int,
+    "enforce_eager": bool,
+    "trust_remote_code": bool,
+    "enable_prefix_caching": bool,
+    "seed": int,
+    "host": str,
+    "port": int,
+    "chat_template": str,
+    "log_level": str,
+}
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"not a boolean: {text!r}")
+
+
+def _parse_key_value(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise SettingsError(f"expected KEY=VALUE, got {item!r}")
+    return key.strip().replace("-", "_"), yaml.safe_load(raw)
+
+
+def load_preset(path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SettingsError(f"cannot read config {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SettingsError(f"config {path} must be a mapping")
+    return data
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in _SCALAR_FIELDS:
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = _parse_bool(raw) if _SCALAR_FIELDS[name] is bool else raw
+    return values
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jamba-server",
+        description="OpenAI-compatible server for Jamba 1.5 on vLLM. "
+        "Precedence: --config preset < JAMBA_* environment < flags.",
+    )
+    parser.add_argument("--config", help="YAML preset (see configs/)")
+    for name, kind in _SCALAR_FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, dest=name, type=kind, default=None)
+    parser.add_argument(
+        "--engine-arg",
+        dest="engine_arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra vLLM engine argument (YAML value), repeatable",
+    )
+    return parser
+
+
+def load_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build settings from a preset, the environment and CLI flags (highest wins)."""
+    environ = os.environ if environ is None else environ
+    args = build_arg_parser().parse_args(argv)
+    config_path = args.config or environ.get(ENV_PREFIX + "CONFIG")
+    values: dict[str, Any] = load_preset(config_path) if config_path else {}
+    values.update(env_overrides(environ))
+    values.update({k: v for k, v in vars(args).items() if k in _SCALAR_FIELDS and v is not None})
+    if args.engine_arg:
+        engine_args = dict(values.get("engine_args") or {})
+        engine_args.update(_parse_key_value(item) for item in args.engine_arg)
+        values["engine_args"] = engine_args
+    if "model" not in values:
+        raise SettingsError("no model: give --config PRESET or --model")
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise SettingsError(str(exc)) from exc
