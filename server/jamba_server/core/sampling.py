@@ -1,0 +1,97 @@
+"""API request → engine-independent sampling spec, with context-length checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from jamba_server.errors import ContextLengthExceededError, InvalidRequestError
+from jamba_server.protocol import ChatCompletionRequest, CompletionRequest
+
+DEFAULT_TEMPERATURE = 1.0
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """Everything the engine needs to sample one request; the adapter maps it onto vLLM."""
+
+    max_tokens: int
+    n: int = 1
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+
+
+def resolve_max_tokens(requested: int | None, prompt_tokens: int, max_model_len: int) -> int:
+    room = max_model_len - prompt_tokens
+    if room <= 0:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {max_model_len} tokens, but the prompt "
+            f"has {prompt_tokens} tokens. Please shorten the prompt.",
+            param="messages",
+        )
+    if requested is None:
+        return room
+    if requested > room:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, "
+            f"{requested} for the completion). Please reduce the prompt or max_tokens.",
+            param="max_tokens",
+        )
+    return requested
+
+
+def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
+    bias: dict[int, float] = {}
+    for key, value in (raw or {}).items():
+        token_id = int(key)
+        if not 0 <= token_id < vocab_size:
+            raise InvalidRequestError(
+                f"logit_bias token id {token_id} is outside the vocabulary (0..{vocab_size - 1})",
+                param="logit_bias",
+            )
+        bias[token_id] = value
+    return bias
+
+
+def sampling_spec(
+    request: ChatCompletionRequest | CompletionRequest,
+    *,
+    prompt_tokens: int,
+    max_model_len: int,
+    vocab_size: int,
+) -> SamplingSpec:
+    if isinstance(request, ChatCompletionRequest):
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    else:
+        logprobs = request.logprobs
+    if request.min_tokens and request.requested_max_tokens() is not None:
+        if request.min_tokens > request.requested_max_tokens():
+            raise InvalidRequestError("min_tokens must not exceed max_tokens", param="min_tokens")
+    return SamplingSpec(
+        max_tokens=resolve_max_tokens(request.requested_max_tokens(), prompt_tokens, max_model_len),
+        n=request.n,
+        temperature=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=0 if request.top_k in (None, -1) else request.top_k,
+        min_p=request.min_p or 0.0,
+        seed=request.seed,
+        stop=tuple(request.stop_list()),
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        repetition_penalty=request.repetition_penalty or 1.0,
+        logit_bias=_logit_bias(request.logit_bias, vocab_size),
+        logprobs=logprobs,
+        min_tokens=request.min_tokens or 0,
+        ignore_eos=request.ignore_eos,
+    )

@@ -1,0 +1,186 @@
+"""The engine adapter: the only module that imports vllm (besides the CPU plugin vLLM loads itself).
+
+Builds vLLM's v1 `AsyncLLM` from settings, maps the core's `SamplingSpec` onto `SamplingParams`,
+and turns vLLM's delta outputs into the core's plain `EngineStep`s. A vLLM upgrade touches this file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from contextlib import aclosing
+from typing import Any, AsyncIterator
+
+from transformers import AutoTokenizer
+from vllm import SamplingParams, TokensPrompt
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.platforms import current_platform
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+import vllm
+
+from jamba_server.core.outputs import ChoiceDelta, EngineStep, TokenLogprob
+from jamba_server.core.sampling import SamplingSpec
+from jamba_server.errors import InvalidRequestError, ServiceUnavailableError
+from jamba_server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+VLLM_VERSION = vllm.__version__
+STOP_TOKENS = ("<|eom|>", "<|endoftext|>")
+_MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+
+def _cpu_thread_binding(world_size: int) -> str:
+    """Split this process's cores evenly over the CPU workers, e.g. "0|1" (vLLM's syntax)."""
+    cores = sorted(os.sched_getaffinity(0))
+    per_rank = max(1, len(cores) // world_size)
+    groups = [cores[i * per_rank : (i + 1) * per_rank] or cores[-1:] for i in range(world_size)]
+    return "|".join(",".join(str(c) for c in group) for group in groups)
+
+
+def platform_engine_kwargs(settings: Settings) -> dict[str, Any]:
+    """Engine kwargs with the CPU backend's needs applied (see README, "CPU dev mode")."""
+    kwargs = settings.engine_kwargs()
+    if current_platform.is_cpu():
+        if kwargs.get("dtype") == "auto":
+            kwargs["dtype"] = "float32"
+        kwargs.setdefault("enable_prefix_caching", False)
+        world = settings.tensor_parallel_size * settings.pipeline_parallel_size
+        if world > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_thread_binding(world)
+    return kwargs
+
+
+class EngineAdapter:
+    """Owns the vLLM engine and the tokenizer the server renders prompts with."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.engine: AsyncLLM | None = None
+        self.tokenizer: Any = None
+        self.max_model_len = 0
+        self.vocab_size = 0
+        self._stop_token_ids: list[int] = []
+
+    @property
+    def platform(self) -> str:
+        return "cpu" if current_platform.is_cpu() else str(current_platform.device_type)
+
+    def load_tokenizer(self) -> Any:
+        source = self.settings.tokenizer or self.settings.model
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=self.settings.trust_remote_code
+        )
+        self._stop_token_ids = [
+            token_id
+            for token_id in (tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS)
+            if token_id is not None and token_id != tokenizer.unk_token_id
+        ]
+        self.tokenizer = tokenizer
+        return tokenizer
+
+    def start(self) -> None:
+        """Load the tokenizer and start the engine (blocking: run it off the event loop)."""
+        self.load_tokenizer()
+        args = AsyncEngineArgs(**platform_engine_kwargs(self.settings))
+        logger.info("starting vLLM %s engine on %s", VLLM_VERSION, self.platform)
+        self.engine = AsyncLLM.from_engine_args(args)
+        self.max_model_len = self.engine.model_config.max_model_len
+        self.vocab_size = self.engine.model_config.get_vocab_size()
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and not self.engine.errored
+
+    @property
+    def dead(self) -> bool:
+        return self.engine is not None and self.engine.errored
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    def sampling_params(self, spec: SamplingSpec) -> SamplingParams:
+        return SamplingParams(
+            n=spec.n,
+            max_tokens=spec.max_tokens,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            top_k=spec.top_k,
+            min_p=spec.min_p,
+            seed=spec.seed,
+            stop=list(spec.stop) or None,
+            # ignore_eos means "run to max_tokens": the end-of-turn tokens must not stop it either.
+            stop_token_ids=None if spec.ignore_eos else list(self._stop_token_ids),
+            presence_penalty=spec.presence_penalty,
+            frequency_penalty=spec.frequency_penalty,
+            repetition_penalty=spec.repetition_penalty,
+            logit_bias=spec.logit_bias or None,
+            logprobs=spec.logprobs,
+            min_tokens=spec.min_tokens,
+            ignore_eos=spec.ignore_eos,
+            skip_special_tokens=True,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(
+        self, prompt_token_ids: list[int], spec: SamplingSpec, request_id: str
+    ) -> AsyncIterator[EngineStep]:
+        """Stream the request's outputs; closing the iterator aborts the engine request."""
+        if not self.ready:
+            raise ServiceUnavailableError("the engine is not available")
+        try:
+            params = self.sampling_params(spec)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        want = spec.logprobs
+        prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
+        try:
+            async with aclosing(self.engine.generate(prompt, params, request_id)) as stream:
+                async for output in stream:
+                    yield EngineStep(
+                        choices=tuple(_choice_delta(o, want) for o in output.outputs),
+                        prompt_tokens=len(output.prompt_token_ids or prompt_token_ids),
+                        finished=output.finished,
+                    )
+        except (EngineDeadError, EngineGenerateError) as exc:
+            raise ServiceUnavailableError(f"the engine failed: {exc}") from exc
+        except ValueError as exc:  # vLLM's own request validation
+            raise InvalidRequestError(str(exc)) from exc
+
+
+def _choice_delta(output: Any, want_logprobs: int | None) -> ChoiceDelta:
+    logprobs = None
+    if want_logprobs is not None and output.logprobs is not None:
+        logprobs = tuple(
+            _token_logprob(token_id, position, want_logprobs)
+            for token_id, position in zip(output.token_ids, output.logprobs)
+        )
+    return ChoiceDelta(
+        index=output.index,
+        text=output.text,
+        token_ids=tuple(output.token_ids),
+        logprobs=logprobs,
+        finish_reason=output.finish_reason,
+    )
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else _MIN_LOGPROB
+
+
+def _token_logprob(token_id: int, position: dict[int, Any], top_k: int) -> TokenLogprob:
+    chosen = position[token_id]
+    ranked = sorted(
+        (lp for lp in position.values() if lp.rank is not None and lp.rank <= top_k),
+        key=lambda lp: lp.rank,
+    )
+    return TokenLogprob(
+        token=chosen.decoded_token or "",
+        logprob=_finite(chosen.logprob),
+        top=tuple((lp.decoded_token or "", _finite(lp.logprob)) for lp in ranked),
+    )

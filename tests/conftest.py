@@ -1,0 +1,108 @@
+"""Shared test fixtures: the dev model path, and live server processes (one per scope)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEV_MODEL = REPO / "models" / "jamba-tiny-dev"
+DEV_CONFIG = REPO / "configs" / "dev-cpu.yaml"
+GOLDEN = REPO.parent / "shared" / "jamba-chat-format" / "template_cases.json"
+MODEL_NAME = "jamba-tiny-dev"
+STARTUP_TIMEOUT_S = 240
+
+
+def golden_cases() -> list[dict]:
+    return json.loads(GOLDEN.read_text(encoding="utf-8"))["cases"]
+
+
+@pytest.fixture(scope="session")
+def dev_model() -> Path:
+    if not (DEV_MODEL / "config.json").exists():
+        pytest.fail("dev model missing: run `make model` (make test does it)")
+    return DEV_MODEL
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """A `jamba-server` child process on a free loopback port."""
+
+    def __init__(self, *extra_args: str, env: dict[str, str] | None = None):
+        self.port = _free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = REPO / "build" / f"server-{self.port}.log"
+        self.log_path.parent.mkdir(exist_ok=True)
+        args = [
+            sys.executable, "-m", "jamba_server.cli",
+            "--config", str(DEV_CONFIG),
+            "--model", str(DEV_MODEL),
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            *extra_args,
+        ]  # fmt: skip
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            args, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})}, start_new_session=True,
+        )  # fmt: skip
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.base_url + "/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"server not ready in {STARTUP_TIMEOUT_S}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def start_server(*extra_args: str, env: dict[str, str] | None = None) -> ServerProcess:
+    server = ServerProcess(*extra_args, env=env)
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def server(dev_model: Path) -> Iterator[ServerProcess]:
+    """One dev-model server shared by the end-to-end modules that need default settings."""
+    proc = start_server()
+    yield proc
+    proc.stop()

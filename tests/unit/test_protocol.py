@@ -1,0 +1,90 @@
+import pytest
+from pydantic import ValidationError
+
+from jamba_server.core.prompt import template_message
+from jamba_server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeRequest
+
+BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def chat(**overrides):
+    return ChatCompletionRequest.model_validate({**BASE, **overrides})
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"top_p": 0}, "top_p"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "user"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"stop": ""}, "stop"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"top_logprobs": 2}, None),  # needs logprobs
+        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"stream_options": {"include_usage": True}}, None),  # needs stream
+        ({"frobnicate": 1}, "frobnicate"),
+    ],
+)
+def test_invalid_chat_requests(overrides, field):
+    with pytest.raises(ValidationError) as info:
+        chat(**overrides)
+    if field is not None:
+        assert info.value.errors()[0]["loc"][0] == field
+
+
+def test_valid_chat_request_defaults_and_extensions():
+    req = chat(
+        stop="x", top_k=5, min_p=0.1, repetition_penalty=1.1, min_tokens=2, ignore_eos=True,
+        max_completion_tokens=7, max_tokens=3, seed=1, user="u", logprobs=True, top_logprobs=0,
+    )  # fmt: skip
+    assert req.stop_list() == ["x"]
+    assert req.requested_max_tokens() == 7  # max_completion_tokens wins
+    assert req.n == 1 and req.stream is False
+
+
+def test_content_parts_joined_and_developer_is_system():
+    msg = ChatMessage.model_validate(
+        {"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+    )
+    assert template_message(msg) == {"role": "system", "content": "a\nb"}
+
+
+def test_assistant_tool_calls_without_content():
+    msg = ChatMessage.model_validate(
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+        }
+    )
+    rendered = template_message(msg)
+    assert rendered["content"] == ""
+    assert rendered["tool_calls"][0]["function"] == {"name": "f", "arguments": "{}"}
+
+
+def test_completion_prompt_forms():
+    assert CompletionRequest(model="m", prompt="hi").prompt == "hi"
+    assert CompletionRequest(model="m", prompt=[1, 2, 3]).prompt == [1, 2, 3]
+    with pytest.raises(ValidationError):
+        CompletionRequest(model="m", prompt="")
+    with pytest.raises(ValidationError):
+        CompletionRequest(model="m", prompt="x", logprobs=21)
+
+
+def test_tokenize_needs_exactly_one_input():
+    TokenizeRequest(prompt="x")
+    with pytest.raises(ValidationError):
+        TokenizeRequest()
+    with pytest.raises(ValidationError):
+        TokenizeRequest(prompt="x", messages=[{"role": "user", "content": "y"}])

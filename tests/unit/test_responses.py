@@ -1,0 +1,96 @@
+import json
+
+from hypothesis import given, settings, strategies as st
+
+from jamba_server.core.outputs import ChoiceDelta, EngineStep, TokenLogprob
+from jamba_server.core.responses import (
+    ChatAccumulator,
+    ChatStreamer,
+    CompletionAccumulator,
+    CompletionStreamer,
+)
+
+
+def steps_from(pieces_per_choice, finish="stop", prompt_tokens=4):
+    """Interleave per-choice text pieces into engine steps, one token per piece."""
+    steps = []
+    longest = max(len(p) for p in pieces_per_choice)
+    for i in range(longest):
+        deltas = []
+        for index, pieces in enumerate(pieces_per_choice):
+            if i < len(pieces):
+                last = i == len(pieces) - 1
+                deltas.append(ChoiceDelta(index, pieces[i], (100 + i,), None, finish if last else None))
+        steps.append(EngineStep(tuple(deltas), prompt_tokens, i == longest - 1))
+    return steps
+
+
+def test_chat_accumulator_builds_choices_and_usage():
+    acc = ChatAccumulator("id", "m", 2, want_logprobs=False)
+    for step in steps_from([["He", "llo"], ["Yo"]]):
+        acc.add(step)
+    done = acc.build(prompt_token_ids=[1, 2])
+    assert [c.message.content for c in done.choices] == ["Hello", "Yo"]
+    assert [c.finish_reason for c in done.choices] == ["stop", "stop"]
+    assert done.usage.model_dump() == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+    assert done.choices[0].token_ids == [100, 101] and done.prompt_token_ids == [1, 2]
+
+
+def test_stream_chunks_open_with_role_and_close_with_empty_delta():
+    streamer = ChatStreamer("id", "m", 1, want_logprobs=False, created=0)
+    opening = json.loads(streamer.opening().model_dump_json())
+    assert opening["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    chunks = [streamer.step(s) for s in steps_from([["a", ""]], finish="length")]
+    last = json.loads(chunks[-1].model_dump_json())
+    assert last["choices"][0]["delta"] == {} and last["choices"][0]["finish_reason"] == "length"
+    assert streamer.usage_chunk().usage.completion_tokens == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.text(max_size=5), min_size=1, max_size=12), min_size=1, max_size=3))
+def test_streamed_text_equals_accumulated_text(pieces_per_choice):
+    n = len(pieces_per_choice)
+    steps = steps_from(pieces_per_choice)
+    acc = ChatAccumulator("id", "m", n, want_logprobs=False)
+    streamer = ChatStreamer("id", "m", n, want_logprobs=False, created=0)
+    streamed = [""] * n
+    finish = [None] * n
+    for step in steps:
+        acc.add(step)
+        chunk = streamer.step(step)
+        for choice in chunk.choices if chunk else []:
+            streamed[choice.index] += choice.delta.content or ""
+            finish[choice.index] = choice.finish_reason or finish[choice.index]
+    built = acc.build()
+    assert streamed == [c.message.content for c in built.choices]
+    assert finish == [c.finish_reason for c in built.choices]
+    assert streamer.usage_chunk().usage == built.usage
+
+
+def test_chat_logprobs_shape():
+    lp = (TokenLogprob("a", -0.5, (("a", -0.5), ("b", -1.0))),)
+    acc = ChatAccumulator("id", "m", 1, want_logprobs=True)
+    acc.add(EngineStep((ChoiceDelta(0, "a", (5,), lp, "stop"),), 1, True))
+    content = acc.build().choices[0].logprobs.content
+    assert content[0].token == "a" and content[0].bytes == [97]
+    assert [t.token for t in content[0].top_logprobs] == ["a", "b"]
+
+
+def test_completion_echo_and_offsets():
+    lp1 = (TokenLogprob("lo", -1.0, (("lo", -1.0),)),)
+    lp2 = (TokenLogprob("!", -2.0, (("!", -2.0),)),)
+    acc = CompletionAccumulator("id", "m", 1, want_logprobs=True, echo_text="Hel")
+    streamer = CompletionStreamer("id", "m", 1, want_logprobs=True, created=0)
+    streamer.echo("Hel")
+    steps = [
+        EngineStep((ChoiceDelta(0, "lo", (1,), lp1, None),), 2, False),
+        EngineStep((ChoiceDelta(0, "!", (2,), lp2, "length"),), 2, True),
+    ]
+    offsets = []
+    for step in steps:
+        acc.add(step)
+        offsets += streamer.step(step).choices[0].logprobs.text_offset
+    choice = acc.build().choices[0]
+    assert choice.text == "Hello!"
+    assert choice.logprobs.text_offset == [3, 5] == offsets
+    assert choice.logprobs.top_logprobs == [{"lo": -1.0}, {"!": -2.0}]

@@ -1,0 +1,53 @@
+import pytest
+
+from jamba_server.core.sampling import resolve_max_tokens, sampling_spec
+from jamba_server.errors import ContextLengthExceededError, InvalidRequestError
+from jamba_server.protocol import ChatCompletionRequest, CompletionRequest
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def spec(request, prompt_tokens=10, max_model_len=100, vocab=50):
+    return sampling_spec(request, prompt_tokens=prompt_tokens, max_model_len=max_model_len, vocab_size=vocab)
+
+
+def test_defaults_fill_the_context():
+    s = spec(ChatCompletionRequest(model="m", messages=MSG))
+    assert s.max_tokens == 90
+    assert (s.temperature, s.top_p, s.top_k, s.n, s.logprobs) == (1.0, 1.0, 0, 1, None)
+
+
+def test_fields_carried_over():
+    req = ChatCompletionRequest(
+        model="m", messages=MSG, max_tokens=5, temperature=0, top_k=-1, seed=3, stop=["a", "b"],
+        logit_bias={"7": -100}, logprobs=True, top_logprobs=3, presence_penalty=0.5, ignore_eos=True,
+    )  # fmt: skip
+    s = spec(req)
+    assert s.max_tokens == 5 and s.temperature == 0 and s.top_k == 0 and s.seed == 3
+    assert s.stop == ("a", "b") and s.logit_bias == {7: -100} and s.logprobs == 3
+    assert s.presence_penalty == 0.5 and s.ignore_eos
+
+
+def test_logprobs_without_top_is_zero_alternatives():
+    assert spec(ChatCompletionRequest(model="m", messages=MSG, logprobs=True)).logprobs == 0
+    assert spec(CompletionRequest(model="m", prompt="x", logprobs=2)).logprobs == 2
+
+
+def test_context_checks():
+    assert resolve_max_tokens(90, 10, 100) == 90
+    with pytest.raises(ContextLengthExceededError) as info:
+        resolve_max_tokens(91, 10, 100)
+    assert info.value.code == "context_length_exceeded" and info.value.param == "max_tokens"
+    with pytest.raises(ContextLengthExceededError):
+        resolve_max_tokens(None, 100, 100)
+
+
+def test_logit_bias_outside_vocab():
+    with pytest.raises(InvalidRequestError) as info:
+        spec(ChatCompletionRequest(model="m", messages=MSG, logit_bias={"50": 1}))
+    assert info.value.param == "logit_bias"
+
+
+def test_min_tokens_above_max_tokens():
+    with pytest.raises(InvalidRequestError):
+        spec(ChatCompletionRequest(model="m", messages=MSG, max_tokens=2, min_tokens=3))

@@ -1,0 +1,58 @@
+"""The shipped Jamba 1.5 template against the golden cases, through the server's render path."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from jamba_server.core.prompt import render_chat, template_inputs
+from jamba_server.protocol import ChatMessage
+from jamba_server.settings import DEFAULT_TEMPLATE
+from tests.conftest import golden_cases
+
+CASES = golden_cases()
+TEMPLATE = DEFAULT_TEMPLATE.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(dev_model):
+    return AutoTokenizer.from_pretrained(dev_model)
+
+
+def test_there_are_sixteen_cases():
+    assert len(CASES) == 16
+
+
+def test_dev_model_ships_the_project_template(tokenizer):
+    assert tokenizer.chat_template == TEMPLATE
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_golden_case_through_template(tokenizer, case):
+    inputs = {"conversation": case["messages"]}
+    for key in ("tools", "documents", "knobs"):
+        if key in case:
+            inputs[key] = case[key]
+    prompt = render_chat(tokenizer, TEMPLATE, inputs, case.get("add_generation_prompt", False))
+    assert prompt.text == case["expected"]
+    # exactly one BOS, and it is the template's
+    assert prompt.token_ids.count(tokenizer.bos_token_id) == 1
+    assert prompt.token_ids[0] == tokenizer.bos_token_id
+
+
+REQUEST_CASES = [c for c in CASES if not ({"tools", "documents", "knobs"} & c.keys())]
+
+
+@pytest.mark.parametrize("case", REQUEST_CASES, ids=[c["name"] for c in REQUEST_CASES])
+def test_golden_case_through_api_messages(tokenizer, case):
+    messages = [ChatMessage.model_validate(m) for m in case["messages"]]
+    prompt = render_chat(tokenizer, TEMPLATE, template_inputs(messages), case["add_generation_prompt"])
+    assert prompt.text == case["expected"]
+
+
+def test_special_tokens_are_single_tokens(tokenizer):
+    for token in ["<|bom|>", "<|eom|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>",
+                  "<tool_calls>", "</tool_calls>", "<citations>", "</citations>"]:  # fmt: skip
+        ids = tokenizer.encode(token, add_special_tokens=False)
+        assert len(ids) == 1, token
+    assert [tokenizer.convert_ids_to_tokens(i) for i in range(4)] == [
+        "<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|unk|>",
+    ]  # fmt: skip
