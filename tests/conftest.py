@@ -105,4 +105,4 @@ def server(dev_model: Path) -> Iterator[ServerProcess]:
     """One dev-model server shared by the end-to-end modules that need default settings."""
     proc = start_server()
     yield proc
-    proc.stop()
+    assert proc.stop() == 0, proc.log_tail()

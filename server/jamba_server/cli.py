@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from typing import Sequence
 
@@ -51,6 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         access_log=False,
     )
     server = uvicorn.Server(config)
+    # uvicorn re-raises the signal it stopped on once it has shut down; a drained SIGTERM/SIGINT
+    # is a clean exit (status 0), so make that re-raise a no-op.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     server.run()
     return exit_code
 
