@@ -106,3 +106,32 @@ def server(dev_model: Path) -> Iterator[ServerProcess]:
     proc = start_server()
     yield proc
     assert proc.stop() == 0, proc.log_tail()
+
+
+def case_to_request(case: dict) -> dict:
+    """A golden template case as an API request body (OpenAI shapes plus this server's extensions)."""
+    messages = []
+    for message in case["messages"]:
+        message = dict(message)
+        if message.get("tool_calls"):
+            calls = []
+            for i, call in enumerate(message["tool_calls"]):
+                fn = call.get("function", call)
+                args = fn["arguments"]
+                calls.append({
+                    "id": call.get("id", f"call_{i}"), "type": "function",
+                    "function": {"name": fn["name"], "arguments": args if isinstance(args, str) else json.dumps(args)},
+                })  # fmt: skip
+            message["tool_calls"] = calls
+        messages.append(message)
+    body: dict = {"messages": messages}
+    if "tools" in case:
+        body["tools"] = case["tools"]
+    if "documents" in case:
+        body["documents"] = case["documents"]
+    knobs = case.get("knobs") or {}
+    if knobs.get("response_format") == "json_object":
+        body["response_format"] = {"type": "json_object"}
+    if knobs.get("citation_mode") == "fast":
+        body["citation_mode"] = "fast"
+    return body

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jamba_server import __version__
 from jamba_server.core import prompt as prompts
+from jamba_server.core.features import plan_chat
 from jamba_server.core.responses import (
     ChatAccumulator,
     ChatStreamer,
@@ -201,8 +202,7 @@ def create_app(
             if opening is not None:
                 yield _sse(opening.model_dump_json())
             async for step in steps:
-                chunk = on_step(step)
-                if chunk is not None:
+                for chunk in on_step(step):
                     yield _sse(chunk.model_dump_json())
             if closing is not None:
                 yield _sse(closing().model_dump_json())
@@ -249,22 +249,35 @@ def create_app(
     async def chat_completions(body: ChatCompletionRequest):
         state.check_model(body.model)
         state.check_ready()
-        inputs = prompts.template_inputs(body.messages)
-        size = sum(len(m.text()) for m in body.messages)
+        plan = plan_chat(body)
+        size = sum(len(m.text()) for m in body.messages) + sum(len(d.text) for d in body.documents or [])
         prompt = await _off_loop_if_large(
-            size, prompts.render_chat, adapter.tokenizer, state.chat_template, inputs
+            size,
+            prompts.render_chat,
+            adapter.tokenizer,
+            state.chat_template,
+            plan.template_inputs,
+            True,
+            plan.prompt_suffix,
         )
         spec = sampling_spec(
             body,
             prompt_tokens=len(prompt.token_ids),
             max_model_len=adapter.max_model_len,
             vocab_size=adapter.vocab_size,
+            json_schema=plan.constraint.schema if plan.constraint else None,
+            banned_tokens=plan.banned_tokens,
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         steps = await first_step(adapter.generate(prompt.token_ids, spec, request_id))
         if body.stream:
             streamer = ChatStreamer(
-                request_id, state.model_name, spec.n, body.logprobs, created=int(time.time())
+                request_id,
+                state.model_name,
+                spec.n,
+                body.logprobs,
+                created=int(time.time()),
+                parser=plan.parser,
             )
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return streaming_response(
@@ -276,7 +289,7 @@ def create_app(
                     streamer.usage_chunk if include_usage else None,
                 )
             )
-        result = ChatAccumulator(request_id, state.model_name, spec.n, body.logprobs)
+        result = ChatAccumulator(request_id, state.model_name, spec.n, body.logprobs, plan.parser)
         async for step in steps:
             result.add(step)
         return result.build(prompt.token_ids if body.return_token_ids else None)
@@ -348,11 +361,13 @@ def create_app(
         state.check_model(body.model)
         state.check_ready()
         if body.messages is not None:
+            plan = plan_chat(body)
             prompt = prompts.render_chat(
                 adapter.tokenizer,
                 state.chat_template,
-                prompts.template_inputs(body.messages),
+                plan.template_inputs,
                 add_generation_prompt=body.add_generation_prompt,
+                suffix=plan.prompt_suffix if body.add_generation_prompt else "",
             )
         else:
             prompt = prompts.encode_prompt(

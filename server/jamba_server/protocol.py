@@ -42,6 +42,12 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
+class CitationRef(BaseModel):
+    model_config = _STRICT
+    document_id: int = Field(ge=0)
+    title: str | None = None
+
+
 class ChatMessage(BaseModel):
     model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -49,6 +55,9 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    citations: list[CitationRef | Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="Extension: an assistant turn's citations, as returned by this server."
+    )
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
@@ -56,7 +65,14 @@ class ChatMessage(BaseModel):
             raise ValueError(f"a {self.role} message needs content")
         if self.tool_calls and self.role != "assistant":
             raise ValueError("only assistant messages carry tool_calls")
+        if self.citations is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry citations")
         return self
+
+    def citation_ids(self) -> list[int] | None:
+        if self.citations is None:
+            return None
+        return [c.document_id if isinstance(c, CitationRef) else c for c in self.citations]
 
     def text(self) -> str:
         if self.content is None:
@@ -64,6 +80,68 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content)
+
+
+class FunctionDefinition(BaseModel):
+    model_config = _STRICT
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = _STRICT
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = _STRICT
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = _STRICT
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class Document(BaseModel):
+    """Extension: a grounding document; `text` required, `title` and other metadata strings."""
+
+    model_config = _OPEN
+    text: str
+    title: str | None = None
+
+    @model_validator(mode="after")
+    def _metadata_strings(self) -> Document:
+        for key, value in (self.model_extra or {}).items():
+            if not isinstance(value, str):
+                raise ValueError(f"document metadata `{key}` must be a string")
+        return self
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = _STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_present(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is json_schema")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError("json_schema is only allowed when type is json_schema")
+        return self
 
 
 class StreamOptions(BaseModel):
@@ -134,8 +212,24 @@ class SamplingFields(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatFeatures(BaseModel):
+    """Jamba's features over the chat API: tools, documents, JSON mode, citations."""
+
+    model_config = _STRICT
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    documents: list[Document] | None = Field(
+        None, description="Extension: grounding documents, rendered into Jamba's documents section."
+    )
+    response_format: ResponseFormat | None = None
+    citation_mode: Literal["off", "fast"] | None = Field(
+        None, description="Extension: `fast` turns on Jamba's citation mode; needs documents."
+    )
+
+
+class ChatCompletionRequest(SamplingFields, ChatFeatures):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -168,7 +262,7 @@ class CompletionRequest(SamplingFields):
         return self.max_tokens
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(ChatFeatures):
     model_config = _STRICT
     model: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
@@ -180,6 +274,11 @@ class TokenizeRequest(BaseModel):
     def _one_input(self) -> TokenizeRequest:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of messages or prompt")
+        if self.prompt is not None:
+            chat_only = ("tools", "tool_choice", "documents", "response_format", "citation_mode")
+            given = [name for name in chat_only if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{given[0]} applies to messages, not to a raw prompt")
         return self
 
 
@@ -206,9 +305,30 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
+    citations: list[CitationRef] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_extensions(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for key in ("tool_calls", "citations"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class ChatChoice(BaseModel):
@@ -234,14 +354,31 @@ class ChatCompletion(BaseModel):
     prompt_token_ids: list[int] | None = None
 
 
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+class _DeltaModel(BaseModel):
+    """Stream deltas carry only what they set, as OpenAI's do (`{}` on the closing chunk)."""
 
     @model_serializer(mode="wrap")
-    def _omit_empty(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # OpenAI sends only what a delta carries: `{}` on the closing chunk.
+    def _omit_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunctionCall(_DeltaModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_DeltaModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
+class DeltaMessage(_DeltaModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+    citations: list[CitationRef] | None = None
 
 
 class ChatChunkChoice(BaseModel):

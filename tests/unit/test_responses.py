@@ -40,7 +40,7 @@ def test_stream_chunks_open_with_role_and_close_with_empty_delta():
     streamer = ChatStreamer("id", "m", 1, want_logprobs=False, created=0)
     opening = json.loads(streamer.opening().model_dump_json())
     assert opening["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    chunks = [streamer.step(s) for s in steps_from([["a", ""]], finish="length")]
+    chunks = [c for s in steps_from([["a", ""]], finish="length") for c in streamer.step(s)]
     last = json.loads(chunks[-1].model_dump_json())
     assert last["choices"][0]["delta"] == {} and last["choices"][0]["finish_reason"] == "length"
     assert streamer.usage_chunk().usage.completion_tokens == 2
@@ -57,8 +57,7 @@ def test_streamed_text_equals_accumulated_text(pieces_per_choice):
     finish = [None] * n
     for step in steps:
         acc.add(step)
-        chunk = streamer.step(step)
-        for choice in chunk.choices if chunk else []:
+        for choice in [c for chunk in streamer.step(step) for c in chunk.choices]:
             streamed[choice.index] += choice.delta.content or ""
             finish[choice.index] = choice.finish_reason or finish[choice.index]
     built = acc.build()
@@ -89,7 +88,7 @@ def test_completion_echo_and_offsets():
     offsets = []
     for step in steps:
         acc.add(step)
-        offsets += streamer.step(step).choices[0].logprobs.text_offset
+        offsets += streamer.step(step)[0].choices[0].logprobs.text_offset
     choice = acc.build().choices[0]
     assert choice.text == "Hello!"
     assert choice.logprobs.text_offset == [3, 5] == offsets

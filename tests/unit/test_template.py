@@ -3,10 +3,11 @@
 import pytest
 from transformers import AutoTokenizer
 
-from jamba_server.core.prompt import render_chat, template_inputs
-from jamba_server.protocol import ChatMessage
+from jamba_server.core.features import plan_chat
+from jamba_server.core.prompt import render_chat
+from jamba_server.protocol import ChatCompletionRequest
 from jamba_server.settings import DEFAULT_TEMPLATE
-from tests.conftest import golden_cases
+from tests.conftest import case_to_request, golden_cases
 
 CASES = golden_cases()
 TEMPLATE = DEFAULT_TEMPLATE.read_text(encoding="utf-8")
@@ -38,14 +39,26 @@ def test_golden_case_through_template(tokenizer, case):
     assert prompt.token_ids[0] == tokenizer.bos_token_id
 
 
-REQUEST_CASES = [c for c in CASES if not ({"tools", "documents", "knobs"} & c.keys())]
-
-
-@pytest.mark.parametrize("case", REQUEST_CASES, ids=[c["name"] for c in REQUEST_CASES])
-def test_golden_case_through_api_messages(tokenizer, case):
-    messages = [ChatMessage.model_validate(m) for m in case["messages"]]
-    prompt = render_chat(tokenizer, TEMPLATE, template_inputs(messages), case["add_generation_prompt"])
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_golden_case_through_api_request(tokenizer, case):
+    """Every golden case, expressed as an API request, renders to the same bytes."""
+    request = ChatCompletionRequest.model_validate({"model": "m", **case_to_request(case)})
+    plan = plan_chat(request)
+    prompt = render_chat(tokenizer, TEMPLATE, plan.template_inputs, case["add_generation_prompt"])
     assert prompt.text == case["expected"]
+
+
+def test_assistant_citations_round_trip(tokenizer):
+    request = ChatCompletionRequest.model_validate({
+        "model": "m", "documents": [{"text": "a"}, {"text": "b"}], "citation_mode": "fast",
+        "messages": [
+            {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "ans", "citations": [{"document_id": 1, "title": None}, 0]},
+            {"role": "user", "content": "q2"},
+        ],
+    })  # fmt: skip
+    text = render_chat(tokenizer, TEMPLATE, plan_chat(request).template_inputs).text
+    assert "<|bom|><|assistant|> ans<citations>[1, 0]</citations><|eom|>" in text
 
 
 def test_special_tokens_are_single_tokens(tokenizer):

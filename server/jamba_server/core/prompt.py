@@ -57,8 +57,12 @@ def render_chat(
     chat_template: str,
     inputs: dict[str, Any],
     add_generation_prompt: bool = True,
+    suffix: str = "",
 ) -> Prompt:
-    """Render through the tokenizer's template path, then tokenize without a second BOS."""
+    """Render through the tokenizer's template path, then tokenize without a second BOS.
+
+    `suffix` is appended after the generation prompt (e.g. a forced `<tool_calls>` opening).
+    """
     try:
         text = tokenizer.apply_chat_template(
             chat_template=chat_template,
@@ -68,6 +72,7 @@ def render_chat(
         )
     except Exception as exc:  # jinja2 TemplateError, raise_exception() in the template
         raise InvalidRequestError(f"cannot render messages: {exc}", param="messages") from exc
+    text += suffix
     # The template writes BOS itself; the tokenizer must not add another.
     return Prompt(text=text, token_ids=tokenizer.encode(text, add_special_tokens=False))
 

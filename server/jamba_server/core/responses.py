@@ -5,17 +5,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from jamba_server.core.outputs import ChoiceDelta, EngineStep, TokenLogprob
+from jamba_server.core.parsing import (
+    Citation,
+    OutputParser,
+    ParseDelta,
+    ParsedToolCall,
+    ParserConfig,
+)
 from jamba_server.protocol import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
     ChoiceLogprobs,
+    CitationRef,
     Completion,
     CompletionChoice,
     CompletionLogprobs,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    ResponseFunctionCall,
     ResponseMessage,
+    ResponseToolCall,
     TokenLogprob as ApiTokenLogprob,
     TopLogprob,
     Usage,
@@ -80,35 +92,84 @@ class _Accumulator:
         )
 
 
-class ChatAccumulator(_Accumulator):
+def _finish_reason(engine_reason: str | None, tool_calls: int) -> str | None:
+    if engine_reason == "stop" and tool_calls:
+        return "tool_calls"
+    return engine_reason
+
+
+def _citation_refs(citations: list[Citation] | None) -> list[CitationRef] | None:
+    if citations is None:
+        return None
+    return [CitationRef(document_id=c.document_id, title=c.title) for c in citations]
+
+
+def _tool_calls(calls: list[ParsedToolCall]) -> list[ResponseToolCall] | None:
+    if not calls:
+        return None
+    return [
+        ResponseToolCall(id=c.id, function=ResponseFunctionCall(name=c.name, arguments=c.arguments))
+        for c in calls
+    ]
+
+
+class _ChatAccumulator(_Accumulator):
+    def __init__(self, request_id: str, model: str, n: int, want_logprobs: bool, parser: ParserConfig):
+        super().__init__(request_id, model, n, want_logprobs)
+        self.parsers = [OutputParser(parser) for _ in range(n)]
+
+
+class ChatAccumulator(_ChatAccumulator):
     """Collects a whole request's steps into one `ChatCompletion`."""
+
+    def __init__(
+        self, request_id: str, model: str, n: int, want_logprobs: bool, parser: ParserConfig = ParserConfig()
+    ):
+        super().__init__(request_id, model, n, want_logprobs, parser)
 
     def build(self, prompt_token_ids: list[int] | None = None) -> ChatCompletion:
         """`prompt_token_ids` given: token ids go into the response (`return_token_ids`)."""
         with_ids = prompt_token_ids is not None
+        choices = []
+        for i, (state, parser) in enumerate(zip(self.choices, self.parsers)):
+            parsed = parser.feed("".join(state.text))
+            parsed.extend(parser.finish())
+            content = parsed.content if parsed.content or not parsed.tool_calls else None
+            choices.append(
+                ChatChoice(
+                    index=i,
+                    message=ResponseMessage(
+                        content=content,
+                        tool_calls=_tool_calls(parsed.tool_calls),
+                        citations=_citation_refs(parsed.citations),
+                    ),
+                    logprobs=chat_logprobs(state.logprobs) if self.want_logprobs else None,
+                    finish_reason=_finish_reason(state.finish_reason, len(parsed.tool_calls)),
+                    token_ids=state.token_ids if with_ids else None,
+                )
+            )
         return ChatCompletion(
             id=self.request_id,
             model=self.model,
-            choices=[
-                ChatChoice(
-                    index=i,
-                    message=ResponseMessage(content="".join(c.text)),
-                    logprobs=chat_logprobs(c.logprobs) if self.want_logprobs else None,
-                    finish_reason=c.finish_reason,
-                    token_ids=c.token_ids if with_ids else None,
-                )
-                for i, c in enumerate(self.choices)
-            ],
+            choices=choices,
             usage=self.usage(),
             prompt_token_ids=prompt_token_ids,
         )
 
 
-class ChatStreamer(_Accumulator):
+class ChatStreamer(_ChatAccumulator):
     """Turns steps into `chat.completion.chunk` objects, as OpenAI streams them."""
 
-    def __init__(self, request_id: str, model: str, n: int, want_logprobs: bool, created: int):
-        super().__init__(request_id, model, n, want_logprobs)
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        n: int,
+        want_logprobs: bool,
+        created: int,
+        parser: ParserConfig = ParserConfig(),
+    ):
+        super().__init__(request_id, model, n, want_logprobs, parser)
         self.created = created
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
@@ -124,19 +185,68 @@ class ChatStreamer(_Accumulator):
             ]
         )
 
-    def step(self, step: EngineStep) -> ChatCompletionChunk | None:
+    def step(self, step: EngineStep) -> list[ChatCompletionChunk]:
         self.add(step)
-        choices = [
-            ChatChunkChoice(
-                index=d.index,
-                delta=DeltaMessage(content=d.text) if d.text else DeltaMessage(),
-                logprobs=chat_logprobs(d.logprobs) if self.want_logprobs and d.logprobs else None,
-                finish_reason=d.finish_reason,
+        chunks = []
+        for d in step.choices:
+            parser = self.parsers[d.index]
+            parsed = parser.feed(d.text)
+            if d.finish_reason is not None:
+                parsed.extend(parser.finish())
+            deltas = self._deltas(parsed, parser.tool_calls_returned - len(parsed.tool_calls))
+            logprobs = chat_logprobs(d.logprobs) if self.want_logprobs and d.logprobs else None
+            if d.finish_reason is not None or logprobs is not None:
+                deltas = deltas or [DeltaMessage()]
+            for k, delta in enumerate(deltas):
+                last = k == len(deltas) - 1
+                chunks.append(
+                    self._chunk(
+                        [
+                            ChatChunkChoice(
+                                index=d.index,
+                                delta=delta,
+                                logprobs=logprobs if k == 0 else None,
+                                finish_reason=_finish_reason(d.finish_reason, parser.tool_calls_returned)
+                                if last
+                                else None,
+                            )
+                        ]
+                    )
+                )
+        return chunks
+
+    @staticmethod
+    def _deltas(parsed: ParseDelta, first_index: int) -> list[DeltaMessage]:
+        """Content, then per tool call a header delta (id, name) and an arguments delta."""
+        deltas = []
+        if parsed.content:
+            deltas.append(DeltaMessage(content=parsed.content))
+        for offset, call in enumerate(parsed.tool_calls):
+            index = first_index + offset
+            deltas.append(
+                DeltaMessage(
+                    tool_calls=[
+                        DeltaToolCall(
+                            index=index,
+                            id=call.id,
+                            type="function",
+                            function=DeltaFunctionCall(name=call.name, arguments=""),
+                        )
+                    ]
+                )
             )
-            for d in step.choices
-            if d.text or d.finish_reason is not None or (self.want_logprobs and d.logprobs)
-        ]
-        return self._chunk(choices) if choices else None
+            deltas.append(
+                DeltaMessage(
+                    tool_calls=[DeltaToolCall(index=index, function=DeltaFunctionCall(arguments=call.arguments))]
+                )
+            )
+        if parsed.citations is not None:
+            refs = _citation_refs(parsed.citations)
+            if deltas:
+                deltas[-1] = deltas[-1].model_copy(update={"citations": refs})
+            else:
+                deltas.append(DeltaMessage(citations=refs))
+        return deltas
 
     def usage_chunk(self) -> ChatCompletionChunk:
         return self._chunk([], usage=self.usage())
@@ -198,7 +308,7 @@ class CompletionStreamer(_Accumulator):
         self._offsets = [len(text)] * len(self._offsets)
         return self._chunk([CompletionChoice(index=i, text=text) for i in range(len(self.choices))])
 
-    def step(self, step: EngineStep) -> Completion | None:
+    def step(self, step: EngineStep) -> list[Completion]:
         self.add(step)
         choices = []
         for d in step.choices:
@@ -211,7 +321,7 @@ class CompletionStreamer(_Accumulator):
             choices.append(
                 CompletionChoice(index=d.index, text=d.text, logprobs=logprobs, finish_reason=d.finish_reason)
             )
-        return self._chunk(choices) if choices else None
+        return [self._chunk(choices)] if choices else []
 
     def usage_chunk(self) -> Completion:
         return self._chunk([], usage=self.usage())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from jamba_server.errors import ContextLengthExceededError, InvalidRequestError
 from jamba_server.protocol import ChatCompletionRequest, CompletionRequest
@@ -29,6 +30,9 @@ class SamplingSpec:
     logprobs: int | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
+    json_schema: dict[str, Any] | None = None  # structured-output constraint
+    banned_tokens: tuple[str, ...] = ()  # special tokens that must not be sampled
+    keep_special_tokens: bool = False  # detokenize tags too (the chat output parser strips them)
 
 
 def resolve_max_tokens(requested: int | None, prompt_tokens: int, max_model_len: int) -> int:
@@ -70,6 +74,8 @@ def sampling_spec(
     prompt_tokens: int,
     max_model_len: int,
     vocab_size: int,
+    json_schema: dict[str, Any] | None = None,
+    banned_tokens: tuple[str, ...] = (),
 ) -> SamplingSpec:
     if isinstance(request, ChatCompletionRequest):
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
@@ -94,4 +100,7 @@ def sampling_spec(
         logprobs=logprobs,
         min_tokens=request.min_tokens or 0,
         ignore_eos=request.ignore_eos,
+        json_schema=json_schema,
+        banned_tokens=banned_tokens,
+        keep_special_tokens=isinstance(request, ChatCompletionRequest),
     )

@@ -1,0 +1,191 @@
+"""Jamba's features on a chat request: template inputs (tools, documents, knobs) and the output plan
+(constraints for vLLM's structured outputs, tokens to ban, how to parse the answer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from jsonschema import SchemaError
+from jsonschema.validators import validator_for
+
+from jamba_server.core.parsing import TOOL_OPEN, ParserConfig, document_titles
+from jamba_server.core.prompt import template_message
+from jamba_server.errors import InvalidRequestError
+from jamba_server.protocol import ChatFeatures, NamedToolChoice
+
+# What an assistant turn that calls tools starts with (see the golden cases); forced tool calls
+# append it to the prompt so the model continues inside the block.
+TOOL_BLOCK_PREFIX = " " + TOOL_OPEN
+ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    """A JSON schema the output must match (vLLM structured outputs, no free whitespace)."""
+
+    schema: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ChatPlan:
+    template_inputs: dict[str, Any]
+    prompt_suffix: str
+    constraint: OutputConstraint | None
+    banned_tokens: tuple[str, ...]
+    parser: ParserConfig
+    feature_labels: tuple[str, ...]
+
+
+def _check_schema(schema: dict[str, Any], param: str) -> None:
+    try:
+        validator_for(schema).check_schema(schema)
+    except SchemaError as exc:
+        raise InvalidRequestError(f"invalid JSON schema: {exc.message}", param=param) from exc
+
+
+def _tool_choice(request: ChatFeatures) -> str | NamedToolChoice:
+    tools = request.tools or []
+    choice = request.tool_choice
+    if choice is None:
+        return "auto" if tools else "none"
+    if choice != "none" and choice != "auto" and not tools:
+        raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
+    if isinstance(choice, NamedToolChoice):
+        names = {t.function.name for t in tools}
+        if choice.function.name not in names:
+            raise InvalidRequestError(
+                f"tool_choice names `{choice.function.name}`, which is not in tools",
+                param="tool_choice",
+            )
+    return choice
+
+
+def _call_schema(tool_name: str, parameters: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            "name": {"const": tool_name},
+            "arguments": parameters if parameters is not None else ANY_OBJECT,
+        },
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+def tool_calls_schema(request: ChatFeatures, only: str | None) -> dict[str, Any]:
+    """Schema of a Jamba tool-call list naming declared functions (or just `only`)."""
+    calls = [
+        _call_schema(t.function.name, t.function.parameters)
+        for t in request.tools or []
+        if only is None or t.function.name == only
+    ]
+    schema: dict[str, Any] = {
+        "type": "array",
+        "items": calls[0] if len(calls) == 1 else {"anyOf": calls},
+        "minItems": 1,
+    }
+    if only is not None or not request.parallel_tool_calls:
+        schema["maxItems"] = 1
+    return schema
+
+
+def _knobs(request: ChatFeatures) -> dict[str, Any] | None:
+    knobs: dict[str, Any] = {}
+    if request.citation_mode == "fast":
+        knobs["citation_mode"] = "fast"
+    fmt = request.response_format
+    if fmt is not None and fmt.type in ("json_object", "json_schema"):
+        knobs["response_format"] = "json_object"
+    if not knobs:
+        return None
+    knobs["is_set"] = True
+    return knobs
+
+
+def _validate(request: ChatFeatures) -> None:
+    names = [t.function.name for t in request.tools or []]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InvalidRequestError(f"duplicate tool names: {duplicates}", param="tools")
+    for i, tool in enumerate(request.tools or []):
+        if tool.function.parameters is not None:
+            _check_schema(tool.function.parameters, f"tools[{i}].function.parameters")
+    if request.citation_mode == "fast" and not request.documents:
+        raise InvalidRequestError("citation_mode needs documents", param="citation_mode")
+    fmt = request.response_format
+    if fmt is not None and fmt.json_schema is not None:
+        _check_schema(fmt.json_schema.schema_, "response_format.json_schema.schema")
+
+
+def plan_chat(request: ChatFeatures) -> ChatPlan:
+    """Validate the request's features and decide prompt inputs, constraints and parsing."""
+    _validate(request)
+    choice = _tool_choice(request)
+    fmt = request.response_format
+    json_mode = fmt is not None and fmt.type != "text"
+    forced_tool = isinstance(choice, NamedToolChoice) or choice == "required"
+    if forced_tool and json_mode:
+        raise InvalidRequestError(
+            "response_format JSON cannot be combined with a required or named tool_choice",
+            param="response_format",
+        )
+
+    inputs: dict[str, Any] = {"conversation": [_with_citations(m) for m in request.messages]}
+    if request.tools and choice != "none":
+        inputs["tools"] = [t.model_dump(exclude_none=True) for t in request.tools]
+    documents = None
+    if request.documents:
+        documents = [
+            {"text": d.text, **({"title": d.title} if d.title is not None else {}), **(d.model_extra or {})}
+            for d in request.documents
+        ]
+        inputs["documents"] = documents
+    knobs = _knobs(request)
+    if knobs:
+        inputs["knobs"] = knobs
+
+    constraint = None
+    if forced_tool:
+        only = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        constraint = OutputConstraint(tool_calls_schema(request, only))
+    elif json_mode:
+        schema = fmt.json_schema.schema_ if fmt.json_schema is not None else ANY_OBJECT
+        constraint = OutputConstraint(schema)
+
+    tool_names = None
+    if request.tools and choice != "none":
+        tool_names = frozenset(t.function.name for t in request.tools)
+    parser = ParserConfig(
+        tool_names=tool_names,
+        parallel_tool_calls=request.parallel_tool_calls and not isinstance(choice, NamedToolChoice),
+        document_titles=document_titles(documents),
+        citation_mode=request.citation_mode == "fast",
+        starts_in_tool_block=forced_tool,
+    )
+    labels = []
+    if request.tools:
+        labels.append("tools")
+    if request.documents:
+        labels.append("documents")
+    if fmt is not None and fmt.type == "json_object":
+        labels.append("json_mode")
+    if fmt is not None and fmt.type == "json_schema":
+        labels.append("json_schema")
+    return ChatPlan(
+        template_inputs=inputs,
+        prompt_suffix=TOOL_BLOCK_PREFIX if forced_tool else "",
+        constraint=constraint,
+        # With tool_choice "none" the model must not open a tool-call block at all.
+        banned_tokens=(TOOL_OPEN,) if request.tools and choice == "none" else (),
+        parser=parser,
+        feature_labels=tuple(labels),
+    )
+
+
+def _with_citations(message: Any) -> dict[str, Any]:
+    rendered = template_message(message)
+    ids = message.citation_ids()
+    if ids is not None:
+        rendered["citations"] = ids
+    return rendered
