@@ -266,6 +266,7 @@ def create_app(
             max_model_len=adapter.max_model_len,
             vocab_size=adapter.vocab_size,
             json_schema=plan.constraint.schema if plan.constraint else None,
+            json_schema_param=plan.constraint.param if plan.constraint else None,
             banned_tokens=plan.banned_tokens,
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -19,7 +19,9 @@ from vllm.platforms import current_platform
 from vllm.config import StructuredOutputsConfig
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.exceptions import VLLMClientError
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
 
 import vllm
 
@@ -81,6 +83,7 @@ class EngineAdapter:
         )
         self.tokenizer = tokenizer
         self._stop_token_ids = [i for i in map(self.token_id, STOP_TOKENS) if i is not None]
+        self._control_token_ids = _control_char_tokens(tokenizer)
         return tokenizer
 
     def start(self) -> None:
@@ -117,7 +120,11 @@ class EngineAdapter:
         structured = None
         if spec.json_schema is not None:
             structured = StructuredOutputsParams(json=spec.json_schema)
-        return SamplingParams(
+            # xgrammar 0.2.8's JSON strings admit raw control characters, which strict JSON
+            # parsers reject; with no free whitespace no such token is ever needed.
+            for token_id in self._control_token_ids:
+                logit_bias[token_id] = -100.0
+        params = SamplingParams(
             n=spec.n,
             max_tokens=spec.max_tokens,
             temperature=spec.temperature,
@@ -140,6 +147,17 @@ class EngineAdapter:
             structured_outputs=structured,
             output_kind=RequestOutputKind.DELTA,
         )
+        if structured is not None:
+            # Compile-check the schema with vLLM's own xgrammar validation, so a schema the grammar
+            # backend cannot handle is the client's 400 naming the field, not an engine error.
+            try:
+                validate_xgrammar_grammar(params)
+            except (ValueError, RuntimeError, VLLMClientError) as exc:
+                raise InvalidRequestError(
+                    f"the JSON schema cannot be compiled into a grammar: {exc}",
+                    param=spec.json_schema_param,
+                ) from exc
+        return params
 
     async def generate(
         self, prompt_token_ids: list[int], spec: SamplingSpec, request_id: str
@@ -149,7 +167,7 @@ class EngineAdapter:
             raise ServiceUnavailableError("the engine is not available")
         try:
             params = self.sampling_params(spec)
-        except ValueError as exc:
+        except (ValueError, VLLMClientError) as exc:
             raise InvalidRequestError(str(exc)) from exc
         want = spec.logprobs
         prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
@@ -163,8 +181,18 @@ class EngineAdapter:
                     )
         except (EngineDeadError, EngineGenerateError) as exc:
             raise ServiceUnavailableError(f"the engine failed: {exc}") from exc
-        except ValueError as exc:  # vLLM's own request validation
-            raise InvalidRequestError(str(exc)) from exc
+        except (ValueError, VLLMClientError) as exc:  # vLLM's own request validation
+            raise InvalidRequestError(str(exc), param=getattr(exc, "parameter", None)) from exc
+
+
+def _control_char_tokens(tokenizer: Any) -> list[int]:
+    """Ids of tokens whose text holds a character below U+0020 (not allowed raw in JSON)."""
+    special = set(tokenizer.all_special_ids)
+    return [
+        token_id
+        for token_id in range(len(tokenizer))
+        if token_id not in special and any(ord(ch) < 0x20 for ch in tokenizer.decode([token_id]))
+    ]
 
 
 def _choice_delta(output: Any, want_logprobs: int | None) -> ChoiceDelta:

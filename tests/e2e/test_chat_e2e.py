@@ -216,7 +216,9 @@ def test_openapi_matches_accepted_requests(http):
             "seed": 1, "presence_penalty": 0, "frequency_penalty": 0, "logprobs": True, "top_logprobs": 1,
             "logit_bias": {"5": 0}, "user": "u", "top_k": 1, "min_p": 0, "repetition_penalty": 1,
             "min_tokens": 0, "ignore_eos": False, "max_completion_tokens": 1, "stream": False,
-            "return_token_ids": True}  # fmt: skip
+            "return_token_ids": True, "parallel_tool_calls": True, "tool_choice": "auto", "citation_mode": "off",
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            "documents": [{"text": "doc", "title": "t"}], "response_format": {"type": "text"}}  # fmt: skip
     missing = set(ChatCompletionRequest.model_fields) - set(body) - {"stream_options"}
     assert not missing
     resp = http.post("/v1/chat/completions", json=body)

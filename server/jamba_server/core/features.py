@@ -25,6 +25,7 @@ class OutputConstraint:
     """A JSON schema the output must match (vLLM structured outputs, no free whitespace)."""
 
     schema: dict[str, Any]
+    param: str  # the request field the schema came from, for errors
 
 
 @dataclass(frozen=True)
@@ -148,10 +149,12 @@ def plan_chat(request: ChatFeatures) -> ChatPlan:
     constraint = None
     if forced_tool:
         only = choice.function.name if isinstance(choice, NamedToolChoice) else None
-        constraint = OutputConstraint(tool_calls_schema(request, only))
+        constraint = OutputConstraint(tool_calls_schema(request, only), "tools")
     elif json_mode:
-        schema = fmt.json_schema.schema_ if fmt.json_schema is not None else ANY_OBJECT
-        constraint = OutputConstraint(schema)
+        if fmt.json_schema is not None:
+            constraint = OutputConstraint(fmt.json_schema.schema_, "response_format.json_schema.schema")
+        else:
+            constraint = OutputConstraint(ANY_OBJECT, "response_format")
 
     tool_names = None
     if request.tools and choice != "none":

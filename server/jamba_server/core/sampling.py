@@ -31,6 +31,7 @@ class SamplingSpec:
     min_tokens: int = 0
     ignore_eos: bool = False
     json_schema: dict[str, Any] | None = None  # structured-output constraint
+    json_schema_param: str | None = None  # where the schema came from in the request
     banned_tokens: tuple[str, ...] = ()  # special tokens that must not be sampled
     keep_special_tokens: bool = False  # detokenize tags too (the chat output parser strips them)
 
@@ -75,6 +76,7 @@ def sampling_spec(
     max_model_len: int,
     vocab_size: int,
     json_schema: dict[str, Any] | None = None,
+    json_schema_param: str | None = None,
     banned_tokens: tuple[str, ...] = (),
 ) -> SamplingSpec:
     if isinstance(request, ChatCompletionRequest):
@@ -101,6 +103,7 @@ def sampling_spec(
         min_tokens=request.min_tokens or 0,
         ignore_eos=request.ignore_eos,
         json_schema=json_schema,
+        json_schema_param=json_schema_param,
         banned_tokens=banned_tokens,
         keep_special_tokens=isinstance(request, ChatCompletionRequest),
     )
