@@ -93,3 +93,20 @@ def test_completion_echo_and_offsets():
     assert choice.text == "Hello!"
     assert choice.logprobs.text_offset == [3, 5] == offsets
     assert choice.logprobs.top_logprobs == [{"lo": -1.0}, {"!": -2.0}]
+
+
+def test_stream_citations_arrive_in_final_chunk_only():
+    from jamba_server.core.parsing import ParserConfig
+
+    config = ParserConfig(document_titles=("A", "B"), citation_mode=True)
+    streamer = ChatStreamer("id", "m", 1, want_logprobs=False, created=0, parser=config)
+    pieces = ["Answer", "<citations>[1]</citations>", " tail", ""]
+    chunks = []
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        chunks += streamer.step(EngineStep((ChoiceDelta(0, piece, (i,), None, "stop" if last else None),), 1, last))
+    with_citations = [c for c in chunks if c.choices[0].delta.citations is not None]
+    assert len(with_citations) == 1 and with_citations[0] is chunks[-1]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert [c.document_id for c in chunks[-1].choices[0].delta.citations] == [1]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Answer tail"

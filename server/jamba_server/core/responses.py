@@ -171,6 +171,7 @@ class ChatStreamer(_ChatAccumulator):
     ):
         super().__init__(request_id, model, n, want_logprobs, parser)
         self.created = created
+        self._pending_citations: list[list[Citation] | None] = [None] * n
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(
@@ -191,8 +192,14 @@ class ChatStreamer(_ChatAccumulator):
         for d in step.choices:
             parser = self.parsers[d.index]
             parsed = parser.feed(d.text)
+            # Citations go out with the choice's final chunk only.
+            if parsed.citations is not None:
+                self._pending_citations[d.index] = (self._pending_citations[d.index] or []) + parsed.citations
+                parsed.citations = None
             if d.finish_reason is not None:
                 parsed.extend(parser.finish())
+                if self._pending_citations[d.index] is not None:
+                    parsed.citations = self._pending_citations[d.index] + (parsed.citations or [])
             deltas = self._deltas(parsed, parser.tool_calls_returned - len(parsed.tool_calls))
             logprobs = chat_logprobs(d.logprobs) if self.want_logprobs and d.logprobs else None
             if d.finish_reason is not None or logprobs is not None:
