@@ -1,4 +1,5 @@
-"""HTTP layer: thin FastAPI routes over the core and the engine adapter; errors mapped once."""
+"""HTTP layer: thin FastAPI routes over the core, the admission controller and the engine adapter.
+Typed errors are mapped to OpenAI's envelope once, here."""
 
 from __future__ import annotations
 
@@ -7,15 +8,17 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Gauge, generate_latest
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jamba_server import __version__
+from jamba_server.admission import check_chat_limits, check_completion_limits
+from jamba_server.auth import ApiKeyChecker
 from jamba_server.core import prompt as prompts
 from jamba_server.core.features import plan_chat
 from jamba_server.core.responses import (
@@ -32,8 +35,12 @@ from jamba_server.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     NotFoundError,
+    RequestTooLargeError,
     ServiceUnavailableError,
 )
+from jamba_server.lifecycle import ServerState
+from jamba_server.metrics import BUILD_INFO, track_admission
+from jamba_server.middleware import RequestContextMiddleware, request_info
 from jamba_server.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -49,17 +56,14 @@ from jamba_server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+ENGINE_DEATH_EXIT_DELAY_S = 2.0
 # Prompts longer than this are rendered and tokenized off the event loop.
 _INLINE_PROMPT_CHARS = 16_384
-_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 404, 413, 429, 500, 503)
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 499, 500, 503, 504)
 }
+_STREAMING_OK: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
 
-BUILD_INFO = Gauge(
-    "jamba_build_info",
-    "Build information of the running server (value is always 1).",
-    ["version", "vllm_version", "model", "tensor_parallel_size", "quantization"],
-)
 
 
 def _param_path(loc: tuple[Any, ...]) -> str | None:
@@ -81,36 +85,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
     return InvalidRequestError(f"{param}: {message}" if param else message, param=param)
 
 
-def _sse(payload: str) -> bytes:
-    return f"data: {payload}\n\n".encode()
-
-
-_SSE_DONE = b"data: [DONE]\n\n"
-
-
-class ServerState:
-    """What the routes share: settings, the adapter, the chat template, lifecycle flags."""
-
-    def __init__(self, settings: Settings, adapter: EngineAdapter):
-        self.settings = settings
-        self.adapter = adapter
-        self.chat_template = settings.chat_template_text()
-        self.model_name = settings.public_model_name
-        self.model_aliases = {self.model_name, settings.model}
-        self.start_error: BaseException | None = None
-
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name not in self.model_aliases:
-            raise ModelNotFoundError(
-                f"The model `{name}` does not exist. This server serves `{self.model_name}`.",
-                param="model",
-            )
-
-    def check_ready(self) -> None:
-        if self.adapter.dead:
-            raise ServiceUnavailableError("The engine has failed; the server is restarting.")
-        if not self.adapter.ready:
-            raise ServiceUnavailableError("The model is still loading; retry shortly.")
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.envelope(), status_code=error.status_code, headers=error.headers)
 
 
 async def _off_loop_if_large(size: int, fn: Callable[..., Any], *args: Any) -> Any:
@@ -125,6 +101,7 @@ def create_app(
     on_fatal: Callable[[str], None] | None = None,
 ) -> FastAPI:
     state = ServerState(settings, adapter)
+    track_admission(lambda: state.admission.running, lambda: state.admission.queued)
 
     def fatal(reason: str) -> None:
         logger.error("fatal: %s", reason)
@@ -139,6 +116,7 @@ def create_app(
             logger.exception("engine failed to start")
             fatal(f"engine failed to start: {exc}")
             return
+        state.engine_started()
         BUILD_INFO.labels(
             __version__,
             VLLM_VERSION,
@@ -148,8 +126,12 @@ def create_app(
         ).set(1)
         logger.info("engine ready: %s (max_model_len=%d)", state.model_name, adapter.max_model_len)
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.5)
             if adapter.dead:
+                # Stay up briefly so in-flight requests get their 503s and probes see /health fail,
+                # then exit non-zero for the orchestrator to restart us.
+                logger.error("the engine died; exiting in %.0fs", ENGINE_DEATH_EXIT_DELAY_S)
+                await asyncio.sleep(ENGINE_DEATH_EXIT_DELAY_S)
                 fatal("the engine died")
                 return
 
@@ -169,86 +151,47 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.server = state
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        auth=ApiKeyChecker(settings.api_keys, settings.metrics_require_auth),
+    )
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.envelope(), status_code=exc.status_code)
+        return _error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        error = validation_error(exc)
-        return JSONResponse(error.envelope(), status_code=error.status_code)
+        return _error_response(validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error = NotFoundError(str(exc.detail)) if exc.status_code == 404 else InvalidRequestError(str(exc.detail))
-        error.status_code = exc.status_code
-        return JSONResponse(error.envelope(), status_code=exc.status_code, headers=exc.headers)
+        error: APIError
+        if exc.status_code == 404:
+            error = NotFoundError(str(exc.detail))
+        elif exc.status_code == 413:
+            error = RequestTooLargeError(str(exc.detail))
+        else:
+            error = InvalidRequestError(str(exc.detail))
+            error.status_code = exc.status_code
+        error.headers = dict(exc.headers or {}) or None
+        return _error_response(error)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        error = InternalServerError("The server had an error while processing your request.")
-        return JSONResponse(error.envelope(), status_code=500)
+        return _error_response(InternalServerError("The server had an error while processing your request."))
 
-    async def stream_events(
-        request_id: str,
-        steps: AsyncIterator[Any],
-        on_step: Callable[[Any], Any],
-        opening: Any | None,
-        closing: Callable[[], Any] | None,
-    ) -> AsyncIterator[bytes]:
-        try:
-            if opening is not None:
-                yield _sse(opening.model_dump_json())
-            async for step in steps:
-                for chunk in on_step(step):
-                    yield _sse(chunk.model_dump_json())
-            if closing is not None:
-                yield _sse(closing().model_dump_json())
-        except APIError as exc:
-            logger.warning("stream %s ended with error: %s", request_id, exc.message)
-            yield _sse(ErrorResponse.model_validate(exc.envelope()).model_dump_json())
-        finally:
-            await steps.aclose()
-        yield _SSE_DONE
+    def note(request: Request, **fields: Any) -> None:
+        request_info(request.scope).update(fields)
 
-    def streaming_response(body: AsyncIterator[bytes]) -> StreamingResponse:
-        return StreamingResponse(
-            body,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-
-    async def first_step(steps: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        """Pull the first step before answering, so request errors become HTTP errors."""
-        try:
-            first = await steps.__anext__()
-        except StopAsyncIteration:
-            first = None
-        except BaseException:
-            await steps.aclose()
-            raise
-
-        async def chained() -> AsyncIterator[Any]:
-            try:
-                if first is not None:
-                    yield first
-                async for step in steps:
-                    yield step
-            finally:
-                await steps.aclose()
-
-        return chained()
-
-    @app.post(
-        "/v1/chat/completions",
-        response_model=ChatCompletion,
-        responses={200: {"content": {"text/event-stream": {}}}, **_ERROR_RESPONSES},
-    )
-    async def chat_completions(body: ChatCompletionRequest):
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**_STREAMING_OK, **_ERRORS})
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         state.check_model(body.model)
         state.check_ready()
+        state.admission.check_open()
+        check_chat_limits(body, settings)
         plan = plan_chat(body)
         size = sum(len(m.text()) for m in body.messages) + sum(len(d.text) for d in body.documents or [])
         prompt = await _off_loop_if_large(
@@ -270,39 +213,33 @@ def create_app(
             banned_tokens=plan.banned_tokens,
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        steps = await first_step(adapter.generate(prompt.token_ids, spec, request_id))
+        note(request, engine_request_id=request_id, prompt_tokens=len(prompt.token_ids), stream=body.stream)
         if body.stream:
             streamer = ChatStreamer(
-                request_id,
-                state.model_name,
-                spec.n,
-                body.logprobs,
-                created=int(time.time()),
-                parser=plan.parser,
+                request_id, state.model_name, spec.n, body.logprobs, created=int(time.time()), parser=plan.parser
             )
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return streaming_response(
-                stream_events(
-                    request_id,
-                    steps,
-                    streamer.step,
-                    streamer.opening(),
-                    streamer.usage_chunk if include_usage else None,
-                )
+            return await state.stream(
+                request,
+                request_id,
+                prompt.token_ids,
+                spec,
+                streamer.step,
+                streamer.opening(),
+                streamer.usage_chunk if include_usage else None,
             )
         result = ChatAccumulator(request_id, state.model_name, spec.n, body.logprobs, plan.parser)
-        async for step in steps:
-            result.add(step)
-        return result.build(prompt.token_ids if body.return_token_ids else None)
+        await state.collect(request, request_id, prompt.token_ids, spec, result.add)
+        response = result.build(prompt.token_ids if body.return_token_ids else None)
+        note(request, completion_tokens=response.usage.completion_tokens)
+        return response
 
-    @app.post(
-        "/v1/completions",
-        response_model=Completion,
-        responses={200: {"content": {"text/event-stream": {}}}, **_ERROR_RESPONSES},
-    )
-    async def completions(body: CompletionRequest):
+    @app.post("/v1/completions", response_model=Completion, responses={**_STREAMING_OK, **_ERRORS})
+    async def completions(body: CompletionRequest, request: Request):
         state.check_model(body.model)
         state.check_ready()
+        state.admission.check_open()
+        check_completion_limits(body, settings)
         if isinstance(body.prompt, str):
             prompt = await _off_loop_if_large(
                 len(body.prompt), prompts.encode_prompt, adapter.tokenizer, body.prompt
@@ -310,9 +247,7 @@ def create_app(
         else:
             bad = [t for t in body.prompt if not 0 <= t < adapter.vocab_size]
             if bad:
-                raise InvalidRequestError(
-                    f"prompt token id {bad[0]} is outside the vocabulary", param="prompt"
-                )
+                raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary", param="prompt")
             text = adapter.tokenizer.decode(body.prompt) if body.echo else ""
             prompt = prompts.Prompt(text=text, token_ids=list(body.prompt))
         spec = sampling_spec(
@@ -322,42 +257,39 @@ def create_app(
             vocab_size=adapter.vocab_size,
         )
         request_id = f"cmpl-{uuid.uuid4().hex}"
+        note(request, engine_request_id=request_id, prompt_tokens=len(prompt.token_ids), stream=body.stream)
         want_logprobs = body.logprobs is not None
         echo_text = prompt.text if body.echo else ""
-        steps = await first_step(adapter.generate(prompt.token_ids, spec, request_id))
         if body.stream:
             streamer = CompletionStreamer(
                 request_id, state.model_name, spec.n, want_logprobs, created=int(time.time())
             )
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return streaming_response(
-                stream_events(
-                    request_id,
-                    steps,
-                    streamer.step,
-                    streamer.echo(echo_text) if echo_text else None,
-                    streamer.usage_chunk if include_usage else None,
-                )
+            return await state.stream(
+                request,
+                request_id,
+                prompt.token_ids,
+                spec,
+                streamer.step,
+                streamer.echo(echo_text) if echo_text else None,
+                streamer.usage_chunk if include_usage else None,
             )
-        result = CompletionAccumulator(
-            request_id, state.model_name, spec.n, want_logprobs, echo_text=echo_text
-        )
-        async for step in steps:
-            result.add(step)
-        return result.build(prompt.token_ids if body.return_token_ids else None)
+        result = CompletionAccumulator(request_id, state.model_name, spec.n, want_logprobs, echo_text=echo_text)
+        await state.collect(request, request_id, prompt.token_ids, spec, result.add)
+        response = result.build(prompt.token_ids if body.return_token_ids else None)
+        note(request, completion_tokens=response.usage.completion_tokens if response.usage else 0)
+        return response
 
-    @app.get("/v1/models", response_model=ModelList)
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def models() -> ModelList:
-        return ModelList(
-            data=[ModelCard(id=state.model_name, max_model_len=adapter.max_model_len or None)]
-        )
+        return ModelList(data=[ModelCard(id=state.model_name, max_model_len=adapter.max_model_len or None)])
 
-    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERROR_RESPONSES)
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS)
     async def model(model_id: str) -> ModelCard:
         state.check_model(model_id)
         return ModelCard(id=state.model_name, max_model_len=adapter.max_model_len or None)
 
-    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERROR_RESPONSES)
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         state.check_model(body.model)
         state.check_ready()
@@ -381,18 +313,18 @@ def create_app(
             prompt=prompt.text,
         )
 
-    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    @app.get("/health", responses=_ERRORS)
     async def health() -> dict[str, str]:
         if adapter.dead or state.start_error is not None:
             raise ServiceUnavailableError("The engine has failed.")
         return {"status": "ok"}
 
-    @app.get("/ready", responses={503: {"model": ErrorResponse}})
+    @app.get("/ready", responses=_ERRORS)
     async def ready() -> dict[str, str]:
         state.check_ready()
         return {"status": "ready"}
 
-    @app.get("/version")
+    @app.get("/version", responses=_ERRORS)
     async def version() -> dict[str, str]:
         return {"version": __version__, "vllm_version": VLLM_VERSION}
 

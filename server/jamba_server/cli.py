@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import logging
+import asyncio
 import os
 import signal
 import sys
 from typing import Sequence
 
+from jamba_server.logs import configure_logging
 from jamba_server.settings import SettingsError, load_settings
 
 
@@ -18,10 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"jamba-server: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     # Preset environment (e.g. VLLM_FUSED_MOE_CHUNK_SIZE) must be in place before vLLM is imported;
     # a variable already set in the real environment wins.
     for name, value in settings.env.items():
@@ -33,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jamba_server.engine import EngineAdapter
 
     exit_code = 0
-    server: uvicorn.Server | None = None
+    server: DrainingServer | None = None
 
     def on_fatal(reason: str) -> None:
         nonlocal exit_code
@@ -42,6 +40,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.should_exit = True
 
     app = create_app(settings, EngineAdapter(settings), on_fatal=on_fatal)
+
+    class DrainingServer(uvicorn.Server):
+        """First SIGTERM/SIGINT drains (ready → 503, new requests 503, in-flight finish), then exits;
+        a second one exits at once."""
+
+        drain_started = False
+        loop: asyncio.AbstractEventLoop | None = None
+
+        async def serve(self, sockets: list | None = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            if self.drain_started or exit_code or self.loop is None:
+                return super().handle_exit(sig, frame)
+            self.drain_started = True
+            # Runs as a signal handler: hand the drain to the event loop thread-safely.
+            loop = self.loop
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._drain()))
+
+        async def _drain(self) -> None:
+            await app.state.server.drain()
+            self.should_exit = True
+
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -51,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         http="httptools",
         access_log=False,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config)
     # uvicorn re-raises the signal it stopped on once it has shut down; a drained SIGTERM/SIGINT
     # is a clean exit (status 0), so make that re-raise a no-op.
     for sig in (signal.SIGTERM, signal.SIGINT):

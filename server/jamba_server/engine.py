@@ -6,6 +6,7 @@ and turns vLLM's delta outputs into the core's plain `EngineStep`s. A vLLM upgra
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -27,7 +28,12 @@ import vllm
 
 from jamba_server.core.outputs import ChoiceDelta, EngineStep, TokenLogprob
 from jamba_server.core.sampling import SamplingSpec
-from jamba_server.errors import InvalidRequestError, ServiceUnavailableError
+from jamba_server.errors import (
+    APIError,
+    InvalidRequestError,
+    RequestTimeoutError,
+    ServiceUnavailableError,
+)
 from jamba_server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -71,6 +77,8 @@ class EngineAdapter:
         self.max_model_len = 0
         self.vocab_size = 0
         self._stop_token_ids: list[int] = []
+        # In-flight engine request ids → why we aborted them (None while running normally).
+        self._active: dict[str, str | None] = {}
 
     @property
     def platform(self) -> str:
@@ -159,10 +167,42 @@ class EngineAdapter:
                 ) from exc
         return params
 
+    @property
+    def max_num_seqs(self) -> int | None:
+        return self.engine.vllm_config.scheduler_config.max_num_seqs if self.engine else None
+
+    async def abort(self, request_id: str, cause: str) -> None:
+        """Abort one engine request; its stream ends with the error for `cause`."""
+        if request_id in self._active and self.engine is not None:
+            self._active[request_id] = cause
+            await self.engine.abort(request_id)
+
+    async def abort_all(self, cause: str) -> int:
+        ids = list(self._active)
+        for request_id in ids:
+            await self.abort(request_id, cause)
+        return len(ids)
+
+    @staticmethod
+    def _abort_error(cause: str | None) -> APIError:
+        if cause == "deadline":
+            return RequestTimeoutError("The request did not finish before its deadline.")
+        if cause == "shutdown":
+            return ServiceUnavailableError("The server shut down before the request finished.", code="shutting_down")
+        return ServiceUnavailableError("The engine aborted the request.")
+
     async def generate(
-        self, prompt_token_ids: list[int], spec: SamplingSpec, request_id: str
+        self,
+        prompt_token_ids: list[int],
+        spec: SamplingSpec,
+        request_id: str,
+        deadline: float | None = None,
     ) -> AsyncIterator[EngineStep]:
-        """Stream the request's outputs; closing the iterator aborts the engine request."""
+        """Stream the request's outputs; closing the iterator aborts the engine request.
+
+        `deadline` is an event-loop time; past it the engine request is aborted and the stream
+        raises `RequestTimeoutError`.
+        """
         if not self.ready:
             raise ServiceUnavailableError("the engine is not available")
         try:
@@ -171,9 +211,16 @@ class EngineAdapter:
             raise InvalidRequestError(str(exc)) from exc
         want = spec.logprobs
         prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
+        loop = asyncio.get_running_loop()
+        timer = None
+        if deadline is not None:
+            timer = loop.call_at(deadline, lambda: loop.create_task(self.abort(request_id, "deadline")))
+        self._active[request_id] = None
         try:
             async with aclosing(self.engine.generate(prompt, params, request_id)) as stream:
                 async for output in stream:
+                    if any(o.finish_reason == "abort" for o in output.outputs):
+                        raise self._abort_error(self._active.get(request_id))
                     yield EngineStep(
                         choices=tuple(_choice_delta(o, want) for o in output.outputs),
                         prompt_tokens=len(output.prompt_token_ids or prompt_token_ids),
@@ -183,6 +230,10 @@ class EngineAdapter:
             raise ServiceUnavailableError(f"the engine failed: {exc}") from exc
         except (ValueError, VLLMClientError) as exc:  # vLLM's own request validation
             raise InvalidRequestError(str(exc), param=getattr(exc, "parameter", None)) from exc
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._active.pop(request_id, None)
 
 
 def _control_char_tokens(tokenizer: Any) -> list[int]:

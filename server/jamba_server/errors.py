@@ -10,11 +10,19 @@ class APIError(Exception):
     error_type = "invalid_request_error"
     default_code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code or self.default_code
+        self.headers = headers
 
     def envelope(self) -> dict[str, Any]:
         return {
@@ -51,6 +59,32 @@ class ServiceUnavailableError(APIError):
     status_code = 503
     error_type = "service_unavailable"
     default_code = "service_unavailable"
+
+
+class AuthenticationError(APIError):
+    status_code = 401
+    default_code = "invalid_api_key"
+
+
+class RequestTooLargeError(APIError):
+    status_code = 413
+    default_code = "request_too_large"
+
+
+class RateLimitError(APIError):
+    """Admission control: the server is at capacity; retry after `Retry-After` (429)."""
+
+    status_code = 429
+    error_type = "rate_limit_exceeded"
+    default_code = "rate_limit_exceeded"
+
+
+class RequestTimeoutError(APIError):
+    """The request's deadline passed before it finished (504)."""
+
+    status_code = 504
+    error_type = "timeout_error"
+    default_code = "request_timeout"
 
 
 class InternalServerError(APIError):

@@ -186,8 +186,6 @@ class SamplingFields(BaseModel):
         items = [value] if isinstance(value, str) else (value or [])
         if any(item == "" for item in items):
             raise ValueError("stop sequences must be non-empty")
-        if len(items) > 4:
-            raise ValueError("at most 4 stop sequences")
         return value
 
     @field_validator("logit_bias")

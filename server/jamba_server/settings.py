@@ -47,6 +47,32 @@ class Settings(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     chat_template: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+    log_request_content: bool = False  # prompts and outputs stay out of logs unless enabled
+
+    # Admission control (see admission.py)
+    max_concurrent_requests: int | None = Field(None, ge=1)  # engine slots; default max_num_seqs
+    max_queued_requests: int = Field(256, ge=0)
+    max_tokens_in_flight: int | None = Field(None, ge=1)  # prompt + max_tokens of running requests
+    retry_after_seconds: int = Field(1, ge=1)
+    request_timeout: float | None = Field(None, gt=0)  # seconds; header X-Request-Timeout overrides
+    drain_timeout: float = Field(30.0, ge=0)
+
+    # Request limits
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_messages: int = Field(2048, ge=1)
+    max_n: int = Field(16, ge=1)
+    max_tokens_limit: int | None = Field(None, ge=1)  # cap on max_tokens / max_completion_tokens
+    max_stop_sequences: int = Field(4, ge=0)
+    max_stop_length: int = Field(256, ge=1)
+    max_tools: int = Field(128, ge=0)
+    max_schema_bytes: int = Field(64 * 1024, ge=16)
+    max_documents: int = Field(512, ge=0)
+    max_document_chars: int = Field(4_000_000, ge=1)  # total text over all documents
+
+    # Auth
+    api_keys: list[str] = Field(default_factory=list)
+    metrics_require_auth: bool = False
 
     @property
     def public_model_name(self) -> str:
@@ -109,6 +135,25 @@ _SCALAR_FIELDS: dict[str, Any] = {
     "port": int,
     "chat_template": str,
     "log_level": str,
+    "log_format": str,
+    "log_request_content": bool,
+    "max_concurrent_requests": int,
+    "max_queued_requests": int,
+    "max_tokens_in_flight": int,
+    "retry_after_seconds": int,
+    "request_timeout": float,
+    "drain_timeout": float,
+    "max_body_bytes": int,
+    "max_messages": int,
+    "max_n": int,
+    "max_tokens_limit": int,
+    "max_stop_sequences": int,
+    "max_stop_length": int,
+    "max_tools": int,
+    "max_schema_bytes": int,
+    "max_documents": int,
+    "max_document_chars": int,
+    "metrics_require_auth": bool,
 }
 
 
@@ -126,6 +171,14 @@ def _parse_key_value(item: str) -> tuple[str, Any]:
     if not sep or not key:
         raise SettingsError(f"expected KEY=VALUE, got {item!r}")
     return key.strip().replace("-", "_"), yaml.safe_load(raw)
+
+
+def _read_key_file(path: str) -> list[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise SettingsError(f"cannot read API key file {path}: {exc}") from exc
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
 def load_preset(path: str | Path) -> dict[str, Any]:
@@ -161,6 +214,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
         else:
             parser.add_argument(flag, dest=name, type=kind, default=None)
     parser.add_argument(
+        "--api-key", dest="api_key", action="append", default=[], metavar="KEY",
+        help="accepted API key (repeatable); also JAMBA_API_KEYS (comma-separated)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--api-key-file", dest="api_key_file", default=None, metavar="PATH",
+        help="file with one API key per line; also JAMBA_API_KEY_FILE",
+    )  # fmt: skip
+    parser.add_argument(
         "--engine-arg",
         dest="engine_arg",
         action="append",
@@ -185,6 +246,14 @@ def load_settings(
         engine_args = dict(values.get("engine_args") or {})
         engine_args.update(_parse_key_value(item) for item in args.engine_arg)
         values["engine_args"] = engine_args
+    keys = list(values.get("api_keys") or [])
+    keys += [k.strip() for k in environ.get(ENV_PREFIX + "API_KEYS", "").split(",") if k.strip()]
+    key_file = args.api_key_file or environ.get(ENV_PREFIX + "API_KEY_FILE")
+    if key_file:
+        keys += _read_key_file(key_file)
+    keys += args.api_key
+    if keys:
+        values["api_keys"] = keys
     if "model" not in values:
         raise SettingsError("no model: give --config PRESET or --model")
     try:

@@ -69,3 +69,15 @@ def test_special_tokens_are_single_tokens(tokenizer):
     assert [tokenizer.convert_ids_to_tokens(i) for i in range(4)] == [
         "<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|unk|>",
     ]  # fmt: skip
+
+
+def test_lone_surrogates_are_a_400_not_a_crash(tokenizer):
+    from jamba_server.core.prompt import encode_prompt
+    from jamba_server.errors import InvalidRequestError
+
+    request = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "a\ud800b"}]})
+    with pytest.raises(InvalidRequestError) as info:
+        render_chat(tokenizer, TEMPLATE, plan_chat(request).template_inputs)
+    assert info.value.param == "messages"
+    with pytest.raises(InvalidRequestError):
+        encode_prompt(tokenizer, "x\udfffy")

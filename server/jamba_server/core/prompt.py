@@ -73,9 +73,21 @@ def render_chat(
     except Exception as exc:  # jinja2 TemplateError, raise_exception() in the template
         raise InvalidRequestError(f"cannot render messages: {exc}", param="messages") from exc
     text += suffix
+    _check_unicode(text, "messages")
     # The template writes BOS itself; the tokenizer must not add another.
     return Prompt(text=text, token_ids=tokenizer.encode(text, add_special_tokens=False))
 
 
 def encode_prompt(tokenizer: ChatTokenizer, text: str, add_special_tokens: bool = True) -> Prompt:
+    _check_unicode(text, "prompt")
     return Prompt(text=text, token_ids=tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def _check_unicode(text: str, param: str) -> None:
+    """JSON may carry lone surrogates (`"\\ud800"`); no tokenizer can encode them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"the text contains invalid Unicode (a lone surrogate at position {exc.start})", param=param
+        ) from exc

@@ -1,0 +1,232 @@
+"""What the routes share for one server: settings, engine adapter, admission, drain and deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+
+from jamba_server.admission import AdmissionController, Ticket, controller_for
+from jamba_server.core.outputs import EngineStep
+from jamba_server.core.sampling import SamplingSpec
+from jamba_server.engine import EngineAdapter
+from jamba_server.errors import (
+    APIError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    RequestTimeoutError,
+    ServiceUnavailableError,
+)
+from jamba_server.protocol import ErrorResponse
+from jamba_server.settings import Settings
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+TIMEOUT_HEADER = "x-request-timeout"
+_SSE_DONE = b"data: [DONE]\n\n"
+
+
+class ClientDisconnected(APIError):
+    status_code = 499  # nginx's "client closed request"; only ever seen in logs
+    default_code = "client_disconnected"
+
+
+def sse(payload: str) -> bytes:
+    return f"data: {payload}\n\n".encode()
+
+
+class TrackedStreamingResponse(StreamingResponse):
+    """A streaming response that runs `on_close` however the stream ends (done, error, disconnect)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]):
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it (and so aborting its engine request) if the client goes away."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+    if task.cancelled() or not task.done():
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientDisconnected("The client closed the connection.")
+    return task.result()
+
+
+class ServerState:
+    def __init__(self, settings: Settings, adapter: EngineAdapter):
+        self.settings = settings
+        self.adapter = adapter
+        self.chat_template = settings.chat_template_text()
+        self.model_name = settings.public_model_name
+        self.model_aliases = {self.model_name, settings.model}
+        self.start_error: BaseException | None = None
+        self.admission: AdmissionController = controller_for(settings, None)
+
+    def engine_started(self) -> None:
+        self.admission = controller_for(self.settings, self.adapter.max_num_seqs)
+
+    # -------------------------------------------------------------- checks
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.model_aliases:
+            raise ModelNotFoundError(
+                f"The model `{name}` does not exist. This server serves `{self.model_name}`.",
+                param="model",
+            )
+
+    def check_ready(self) -> None:
+        if self.adapter.dead:
+            raise ServiceUnavailableError("The engine has failed; the server is restarting.")
+        if not self.adapter.ready:
+            raise ServiceUnavailableError("The model is still loading; retry shortly.")
+        if self.admission.draining:
+            raise ServiceUnavailableError(
+                "The server is shutting down; retry on another replica.",
+                code="shutting_down",
+                headers={"Retry-After": str(self.settings.retry_after_seconds)},
+            )
+
+    @property
+    def ready(self) -> bool:
+        return self.adapter.ready and not self.admission.draining
+
+    def deadline(self, request: Request) -> float | None:
+        raw = request.headers.get(TIMEOUT_HEADER)
+        timeout = self.settings.request_timeout
+        if raw is not None:
+            try:
+                timeout = float(raw)
+            except ValueError:
+                timeout = -1.0
+            if not 0 < timeout < 1e7:
+                raise InvalidRequestError(
+                    "X-Request-Timeout must be a positive number of seconds", param="X-Request-Timeout"
+                )
+        return None if timeout is None else asyncio.get_running_loop().time() + timeout
+
+    # -------------------------------------------------------------- running requests
+
+    async def _admit(self, tokens: int, deadline: float | None) -> Ticket:
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self.admission.acquire(tokens)
+        except TimeoutError:
+            raise RequestTimeoutError("The request timed out waiting for capacity.") from None
+
+    @staticmethod
+    def _budget(prompt_ids: list[int], spec: SamplingSpec) -> int:
+        return len(prompt_ids) + spec.max_tokens * spec.n
+
+    async def collect(
+        self,
+        request: Request,
+        request_id: str,
+        prompt_ids: list[int],
+        spec: SamplingSpec,
+        on_step: Callable[[EngineStep], Any],
+    ) -> None:
+        """Run a non-streaming request to the end, feeding every step to `on_step`."""
+        deadline = self.deadline(request)
+
+        async def run() -> None:
+            ticket = await self._admit(self._budget(prompt_ids, spec), deadline)
+            try:
+                steps = self.adapter.generate(prompt_ids, spec, request_id, deadline)
+                async with aclosing(steps):
+                    async for step in steps:
+                        on_step(step)
+            finally:
+                self.admission.release(ticket)
+
+        await until_disconnect(request, run())
+
+    async def stream(
+        self,
+        request: Request,
+        request_id: str,
+        prompt_ids: list[int],
+        spec: SamplingSpec,
+        on_step: Callable[[EngineStep], list[Any]],
+        opening: Any | None,
+        closing: Callable[[], Any] | None,
+    ) -> TrackedStreamingResponse:
+        """Admit and start the request, then stream it as SSE. Errors before the first engine
+        output are HTTP errors; later ones end the stream with an error event."""
+        deadline = self.deadline(request)
+
+        async def start() -> tuple[Ticket, AsyncIterator[EngineStep], EngineStep | None]:
+            ticket = await self._admit(self._budget(prompt_ids, spec), deadline)
+            steps = self.adapter.generate(prompt_ids, spec, request_id, deadline)
+            try:
+                return ticket, steps, await anext(steps, None)
+            except BaseException:
+                await steps.aclose()
+                self.admission.release(ticket)
+                raise
+
+        ticket, steps, first = await until_disconnect(request, start())
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                if opening is not None:
+                    yield sse(opening.model_dump_json())
+                if first is not None:
+                    for chunk in on_step(first):
+                        yield sse(chunk.model_dump_json())
+                    async for step in steps:
+                        for chunk in on_step(step):
+                            yield sse(chunk.model_dump_json())
+                if closing is not None:
+                    yield sse(closing().model_dump_json())
+            except APIError as exc:
+                logger.warning("stream %s ended with error: %s", request_id, exc.message)
+                yield sse(ErrorResponse.model_validate(exc.envelope()).model_dump_json())
+            finally:
+                await steps.aclose()
+            yield _SSE_DONE
+
+        return TrackedStreamingResponse(events(), on_close=lambda: self.admission.release(ticket))
+
+    # -------------------------------------------------------------- shutdown
+
+    async def drain(self) -> None:
+        """Stop admitting, let in-flight requests finish (up to drain_timeout), abort the rest."""
+        self.admission.start_draining()
+        loop = asyncio.get_running_loop()
+        logger.info("draining: %d requests in flight", self.admission.in_flight)
+        give_up = loop.time() + self.settings.drain_timeout
+        while self.admission.in_flight and loop.time() < give_up:
+            await asyncio.sleep(0.05)
+        if self.admission.in_flight:
+            aborted = await self.adapter.abort_all("shutdown")
+            logger.warning("drain timeout: aborted %d engine requests", aborted)
+            settle = loop.time() + 5.0
+            while self.admission.in_flight and loop.time() < settle:
+                await asyncio.sleep(0.05)
+        logger.info("drained")

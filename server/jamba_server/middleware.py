@@ -1,0 +1,116 @@
+"""One ASGI middleware for what every HTTP request shares: request id, body-size limit, API-key
+check, and one structured access-log line when the response has been sent (streams included)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any, Awaitable, Callable
+
+from starlette.exceptions import HTTPException
+
+from jamba_server.auth import ApiKeyChecker
+from jamba_server.errors import APIError, AuthenticationError, RequestTooLargeError
+from jamba_server.logs import ACCESS_LOGGER
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+access_log = logging.getLogger(ACCESS_LOGGER)
+_MAX_REQUEST_ID = 128
+
+
+def request_info(scope: Scope) -> dict[str, Any]:
+    """Per-request facts routes add for the access log (token counts, model, ...)."""
+    return scope.setdefault("state", {}).setdefault("jamba", {})
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` when a body without Content-Length outgrows the limit; FastAPI passes
+    HTTP exceptions from body parsing through, and the app maps this one to 413."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"The request body is larger than {limit} bytes.")
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: Any, *, max_body_bytes: int, auth: ApiKeyChecker, on_rejected: Callable[[int, str], None] | None = None):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.auth = auth
+        self.on_rejected = on_rejected or (lambda status, reason: None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id = (headers.get("x-request-id") or "")[:_MAX_REQUEST_ID] or uuid.uuid4().hex
+        info = request_info(scope)
+        info["request_id"] = request_id
+        status = {"code": 0}
+        header_id = (b"x-request-id", request_id.encode("latin-1", errors="replace"))
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], header_id]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self._log(scope, info, status["code"], started)
+
+        error: APIError | None = None
+        if not self.auth.is_open(scope["path"]) and not self.auth.accepts(headers.get("authorization")):
+            error = AuthenticationError("Incorrect or missing API key: send `Authorization: Bearer <key>`.")
+        length = headers.get("content-length")
+        if error is None and length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            error = self._too_large()
+        if error is not None:
+            self.on_rejected(error.status_code, error.code or "")
+            await self._send_error(error, send_wrapper)
+            return
+
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    self.on_rejected(413, "request_too_large")
+                    raise BodyTooLarge(self.max_body_bytes)
+            return message
+
+        await self.app(scope, receive_limited, send_wrapper)
+
+    def _too_large(self) -> RequestTooLargeError:
+        return RequestTooLargeError(f"The request body is larger than {self.max_body_bytes} bytes.")
+
+    @staticmethod
+    async def _send_error(error: APIError, send: Send) -> None:
+        body = json.dumps(error.envelope()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if error.status_code == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    @staticmethod
+    def _log(scope: Scope, info: dict[str, Any], status: int, started: float) -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        fields = {
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "duration_s": round(time.perf_counter() - started, 6),
+            **info,
+        }
+        access_log.info("request", extra=fields)

@@ -1,0 +1,256 @@
+"""Production behaviour against a live server with small limits: admission, disconnects, deadlines,
+limits, auth, fuzzed input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from tests.conftest import MODEL_NAME, start_server
+
+KEY = "test-key-1"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+SLOTS, QUEUE = 4, 4
+FLAGS = [
+    "--max-num-seqs", str(SLOTS), "--max-concurrent-requests", str(SLOTS), "--max-queued-requests", str(QUEUE),
+    "--api-key", KEY, "--api-key", "test-key-2", "--retry-after-seconds", "2",
+    "--max-tokens-limit", "256", "--request-timeout", "30", "--max-body-bytes", "65536",
+    "--max-messages", "8", "--max-n", "2", "--max-stop-sequences", "2", "--max-stop-length", "10",
+    "--max-tools", "2", "--max-schema-bytes", "512", "--max-documents", "2", "--max-document-chars", "100",
+]  # fmt: skip
+MSG = [{"role": "user", "content": "Tell me a long story."}]
+LONG = {"model": MODEL_NAME, "messages": MSG, "max_tokens": 200, "extra": None}
+
+
+def chat_body(**fields):
+    return {"model": MODEL_NAME, "messages": MSG, "max_tokens": 4, **fields}
+
+
+@pytest.fixture(scope="module")
+def server(dev_model):
+    proc = start_server(*FLAGS)
+    yield proc
+    assert proc.stop() == 0, proc.log_tail()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=120) as c:
+        yield c
+
+
+def metric(http, name: str) -> float:
+    text = http.get("/metrics").text
+    match = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+def wait_idle(http, within: float) -> float:
+    """Seconds until both our running gauge and vLLM's are 0; fails after `within`."""
+    start = time.monotonic()
+    while time.monotonic() - start < within:
+        if metric(http, "jamba_requests_running") == 0 and metric(http, "vllm:num_requests_running") == 0:
+            return time.monotonic() - start
+        time.sleep(0.02)
+    pytest.fail(f"requests still running after {within}s")
+
+
+# ---- auth
+
+
+def test_auth_missing_wrong_right(server):
+    url = server.base_url + "/v1/chat/completions"
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {KEY}"}):
+        resp = httpx.post(url, json=chat_body(), headers=headers)
+        assert resp.status_code == 401
+        assert resp.json()["error"]["code"] == "invalid_api_key"
+        assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+    for key in (KEY, "test-key-2"):
+        assert httpx.post(url, json=chat_body(), headers={"Authorization": f"Bearer {key}"}, timeout=60).status_code == 200
+    for path in ("/health", "/ready", "/metrics"):
+        assert httpx.get(server.base_url + path).status_code == 200
+    assert httpx.get(server.base_url + "/v1/models").status_code == 401
+
+
+# ---- limits
+
+
+@pytest.mark.parametrize(
+    "fields, status, param",
+    [
+        ({"messages": MSG * 9}, 400, "messages"),
+        ({"n": 3}, 400, "n"),
+        ({"max_tokens": 257}, 400, "max_tokens"),
+        ({"stop": ["a", "b", "c"]}, 400, "stop"),
+        ({"stop": "x" * 11}, 400, "stop"),
+        ({"tools": [{"type": "function", "function": {"name": n}} for n in "abc"]}, 400, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "description": "d" * 600}}}]}, 413, "tools[0].function.parameters"),
+        ({"documents": [{"text": "a"}] * 3}, 400, "documents"),
+        ({"documents": [{"text": "a" * 101}]}, 413, "documents"),
+    ],
+)
+def test_request_limits(http, fields, status, param):
+    resp = http.post("/v1/chat/completions", json=chat_body(**fields))
+    assert resp.status_code == status, resp.text
+    assert resp.json()["error"]["param"] == param
+
+
+def test_body_size_limit_with_and_without_content_length(http):
+    big = json.dumps(chat_body(messages=[{"role": "user", "content": "x" * 70000}])).encode()
+    resp = http.post("/v1/chat/completions", content=big, headers={"content-type": "application/json"})
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "request_too_large"
+
+    def chunks():
+        for i in range(0, len(big), 8192):
+            yield big[i : i + 8192]
+
+    resp = http.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert resp.status_code == 413
+    assert http.post("/v1/chat/completions", json=chat_body()).status_code == 200
+
+
+# ---- admission control
+
+
+def test_burst_gets_only_200s_and_429s(server):
+    burst = 24
+
+    async def one(client, i):
+        body = chat_body(max_tokens=200, ignore_eos=True, temperature=0)
+        return await client.post("/v1/chat/completions", json=body)
+
+    async def fire():
+        limits = httpx.Limits(max_connections=burst, max_keepalive_connections=burst)
+        async with httpx.AsyncClient(base_url=server.base_url, headers=AUTH, timeout=300, limits=limits) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(burst)))
+
+    responses = asyncio.run(fire())
+    statuses = [r.status_code for r in responses]
+    ok = [r for r in responses if r.status_code == 200]
+    rejected = [r for r in responses if r.status_code == 429]
+    assert len(ok) + len(rejected) == burst, statuses
+    assert len(ok) == SLOTS + QUEUE, statuses  # exactly what the limits admit, not fewer
+    for r in rejected:
+        assert r.headers["Retry-After"] == "2"
+        assert r.json()["error"]["type"] == "rate_limit_exceeded"
+    for r in ok:
+        body = r.json()
+        assert body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"]["completion_tokens"] == 200
+    print(f"burst {burst}: {len(ok)} x 200, {len(rejected)} x 429")
+
+
+# ---- client disconnects
+
+
+def test_streaming_disconnect_aborts_within_a_second(server, http):
+    body = chat_body(max_tokens=256, ignore_eos=True, stream=True)
+    with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=60) as client:
+        with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+            events = (line for line in resp.iter_lines() if line)
+            seen = [next(events) for _ in range(3)]
+            assert all('"content"' in e for e in seen), seen
+            assert metric(http, "jamba_requests_running") == 1, seen
+    elapsed = wait_idle(http, within=1.0)
+    print(f"stream abort latency {elapsed:.3f}s")
+
+
+def test_non_streaming_disconnect_aborts_within_a_second(server, http):
+    body = chat_body(max_tokens=256, ignore_eos=True)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/v1/chat/completions", json=body, headers=AUTH, timeout=0.5)
+    elapsed = wait_idle(http, within=1.0)
+    print(f"non-stream abort latency {elapsed:.3f}s")
+
+
+# ---- deadlines
+
+
+def test_deadline_header(http):
+    body = chat_body(max_tokens=256, ignore_eos=True)
+    resp = http.post("/v1/chat/completions", json=body, headers={"X-Request-Timeout": "0.3"})
+    assert resp.status_code == 504
+    assert resp.json()["error"]["code"] == "request_timeout"
+    wait_idle(http, within=1.0)
+    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}, headers={"X-Request-Timeout": "0.5"}) as resp:
+        events = [line for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["error"]["code"] == "request_timeout"
+    wait_idle(http, within=1.0)
+    bad = http.post("/v1/chat/completions", json=chat_body(), headers={"X-Request-Timeout": "soon"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Request-Timeout"
+
+
+def test_request_id_is_echoed_or_generated(http):
+    resp = http.post("/v1/chat/completions", json=chat_body(), headers={"X-Request-ID": "my-id-42"})
+    assert resp.headers["X-Request-ID"] == "my-id-42"
+    assert len(http.get("/v1/models").headers["X-Request-ID"]) == 32
+
+
+def test_logs_are_json_and_hold_no_content(server, http):
+    secret = "zebra-secret-prompt-text"
+    http.post("/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": secret}]), headers={"X-Request-ID": "log-check"})
+    time.sleep(0.2)
+    lines = [json.loads(l) for l in server.log_path.read_text().splitlines() if l.startswith("{")]
+    entry = next(l for l in lines if l.get("request_id") == "log-check")
+    assert entry["status"] == 200 and entry["prompt_tokens"] > 0 and entry["completion_tokens"] == 4
+    assert entry["duration_s"] > 0
+    assert secret not in server.log_path.read_text()
+
+
+# ---- fuzzed input
+
+
+json_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=30))
+json_values = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=20)
+messages = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "developer", "user", "assistant", "tool", "bogus"]),
+         "content": st.one_of(st.text(max_size=200), st.none(), json_values)},
+        optional={"name": st.text(max_size=10), "tool_calls": json_values, "citations": json_values},
+    ),
+    max_size=6,
+)  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    messages,
+    st.dictionaries(
+        st.sampled_from(["temperature", "top_p", "n", "stop", "logit_bias", "tools", "tool_choice", "documents",
+                         "response_format", "citation_mode", "seed", "logprobs", "top_logprobs", "stream"]),
+        json_values, max_size=3,
+    ),  # fmt: skip
+)
+def test_fuzzed_chat_requests_never_5xx(http, msgs, extra):
+    body = {"model": MODEL_NAME, "messages": msgs, "max_tokens": 2, **extra}
+    resp = http.post("/v1/chat/completions", json=body)
+    assert resp.status_code < 500, (resp.text, body)
+    if resp.status_code != 200:
+        assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "[" * 100_000 + "]" * 100_000,
+        json.dumps({"model": MODEL_NAME, "messages": [{"role": "user", "content": "\ud800 \x00 \u202e" * 50}], "max_tokens": 2}),
+        json.dumps({"model": MODEL_NAME, "messages": MSG, "max_tokens": 2, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"a": [[[[[[[[[[{"b": 1}]]]]]]]]]]}}}]}),
+        json.dumps({"model": MODEL_NAME, "messages": MSG, "max_tokens": 1e308}),
+        json.dumps({"model": MODEL_NAME, "messages": MSG, "seed": 2**80}),
+        json.dumps({"model": MODEL_NAME, "messages": MSG, "logit_bias": {"-5": 1}}),
+        '{"model": "' + "m" * 60000 + '"}',
+    ],
+    ids=["deep-nesting", "bad-unicode", "nested-schema", "huge-number", "huge-seed", "negative-bias", "huge-string"],
+)
+def test_hostile_bodies_never_5xx(http, raw):
+    resp = http.post("/v1/chat/completions", content=raw.encode("utf-8", "surrogatepass"), headers={"content-type": "application/json"})
+    assert resp.status_code < 500, resp.text
+    assert http.get("/health").status_code == 200

@@ -1,0 +1,114 @@
+import asyncio
+
+import pytest
+
+from jamba_server.admission import AdmissionController, check_chat_limits
+from jamba_server.errors import InvalidRequestError, RateLimitError, RequestTooLargeError, ServiceUnavailableError
+from jamba_server.protocol import ChatCompletionRequest
+from jamba_server.settings import Settings
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_running_then_queue_then_429_with_retry_after():
+    async def scenario():
+        ctl = AdmissionController(max_running=2, max_queued=1, max_tokens=None, retry_after=3)
+        a = await ctl.acquire(1)
+        b = await ctl.acquire(1)
+        queued = asyncio.ensure_future(ctl.acquire(1))
+        await asyncio.sleep(0)
+        assert (ctl.running, ctl.queued) == (2, 1)
+        with pytest.raises(RateLimitError) as info:
+            await ctl.acquire(1)
+        assert info.value.headers == {"Retry-After": "3"} and info.value.status_code == 429
+        ctl.release(a)
+        c = await queued
+        assert (ctl.running, ctl.queued) == (2, 0)
+        ctl.release(b)
+        ctl.release(c)
+        ctl.release(c)  # idempotent
+        assert (ctl.running, ctl.running_tokens) == (0, 0)
+
+    run(scenario())
+
+
+def test_token_budget_and_fifo():
+    async def scenario():
+        ctl = AdmissionController(max_running=10, max_queued=10, max_tokens=100, retry_after=1)
+        big = await ctl.acquire(500)  # alone, a request over the budget still runs
+        small = asyncio.ensure_future(ctl.acquire(10))
+        await asyncio.sleep(0)
+        assert ctl.queued == 1
+        ctl.release(big)
+        first = await small
+        x = await ctl.acquire(60)
+        y_task = asyncio.ensure_future(ctl.acquire(60))  # 10 + 60 + 60 > 100: waits
+        z_task = asyncio.ensure_future(ctl.acquire(5))  # would fit, but FIFO keeps order
+        await asyncio.sleep(0)
+        assert ctl.queued == 2 and not z_task.done()
+        ctl.release(x)
+        y = await y_task
+        z = await z_task
+        assert ctl.running_tokens == 75
+        for t in (first, y, z):
+            ctl.release(t)
+
+    run(scenario())
+
+
+def test_cancelled_waiter_leaves_queue_and_draining_is_503():
+    async def scenario():
+        ctl = AdmissionController(max_running=1, max_queued=5, max_tokens=None, retry_after=1)
+        held = await ctl.acquire(1)
+        waiter = asyncio.ensure_future(ctl.acquire(1))
+        await asyncio.sleep(0)
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert ctl.queued == 0
+        ctl.start_draining()
+        with pytest.raises(ServiceUnavailableError):
+            await ctl.acquire(1)
+        ctl.release(held)
+        assert ctl.in_flight == 0
+
+    run(scenario())
+
+
+LIMITS = Settings(
+    model="m", max_messages=2, max_n=2, max_tokens_limit=50, max_stop_sequences=1, max_stop_length=3,
+    max_tools=1, max_schema_bytes=64, max_documents=1, max_document_chars=10,
+)  # fmt: skip
+TOOL = {"type": "function", "function": {"name": "f"}}
+
+
+@pytest.mark.parametrize(
+    "fields, param, error",
+    [
+        ({"messages": [{"role": "user", "content": "x"}] * 3}, "messages", InvalidRequestError),
+        ({"n": 3}, "n", InvalidRequestError),
+        ({"max_tokens": 51}, "max_tokens", InvalidRequestError),
+        ({"max_completion_tokens": 51}, "max_completion_tokens", InvalidRequestError),
+        ({"stop": ["a", "b"]}, "stop", InvalidRequestError),
+        ({"stop": "abcd"}, "stop", InvalidRequestError),
+        ({"tools": [TOOL, {"type": "function", "function": {"name": "g"}}]}, "tools", InvalidRequestError),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "description": "x" * 80}}}]}, "tools[0].function.parameters", RequestTooLargeError),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"description": "y" * 80}}}}, "response_format.json_schema.schema", RequestTooLargeError),
+        ({"documents": [{"text": "a"}, {"text": "b"}]}, "documents", InvalidRequestError),
+        ({"documents": [{"text": "a" * 11}]}, "documents", RequestTooLargeError),
+    ],
+)
+def test_limits_name_their_param(fields, param, error):
+    request = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}], **fields})
+    with pytest.raises(error) as info:
+        check_chat_limits(request, LIMITS)
+    assert info.value.param == param
+
+
+def test_within_limits_passes():
+    request = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2, "max_tokens": 50, "stop": "abc",
+         "tools": [TOOL], "documents": [{"text": "0123456789"}]}  # fmt: skip
+    )
+    check_chat_limits(request, LIMITS)
