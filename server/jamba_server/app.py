@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -157,6 +158,19 @@ def create_app(
         auth=ApiKeyChecker(settings.api_keys, settings.metrics_require_auth),
     )
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, with `model` narrowed to the names this server accepts."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for name in ("ChatCompletionRequest", "CompletionRequest", "TokenizeRequest"):
+                model_field = schema["components"]["schemas"][name]["properties"]["model"]
+                model_field.pop("anyOf", None)
+                model_field.update({"type": "string", "enum": sorted(state.model_aliases)})
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return _error_response(exc)
@@ -211,6 +225,7 @@ def create_app(
             json_schema=plan.constraint.schema if plan.constraint else None,
             json_schema_param=plan.constraint.param if plan.constraint else None,
             banned_tokens=plan.banned_tokens,
+            max_tokens_cap=settings.max_tokens_limit,
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         note(request, engine_request_id=request_id, prompt_tokens=len(prompt.token_ids), stream=body.stream)
@@ -255,6 +270,7 @@ def create_app(
             prompt_tokens=len(prompt.token_ids),
             max_model_len=adapter.max_model_len,
             vocab_size=adapter.vocab_size,
+            max_tokens_cap=settings.max_tokens_limit,
         )
         request_id = f"cmpl-{uuid.uuid4().hex}"
         note(request, engine_request_id=request_id, prompt_tokens=len(prompt.token_ids), stream=body.stream)

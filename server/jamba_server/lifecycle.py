@@ -35,8 +35,13 @@ class ClientDisconnected(APIError):
     default_code = "client_disconnected"
 
 
+# Valid raw inside JSON strings, but line breaks to clients that split with str.splitlines()
+# (httpx, openai-python): escape them so one event is always one line.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(payload: str) -> bytes:
-    return f"data: {payload}\n\n".encode()
+    return f"data: {payload.translate(_LINE_BREAKS)}\n\n".encode()
 
 
 class TrackedStreamingResponse(StreamingResponse):

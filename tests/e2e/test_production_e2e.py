@@ -254,3 +254,26 @@ def test_hostile_bodies_never_5xx(http, raw):
     resp = http.post("/v1/chat/completions", content=raw.encode("utf-8", "surrogatepass"), headers={"content-type": "application/json"})
     assert resp.status_code < 500, resp.text
     assert http.get("/health").status_code == 200
+
+
+def test_schemathesis_every_endpoint(server, tmp_path):
+    """Property-based fuzzing of every operation in /openapi.json: no 5xx, responses match the schema."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    st = Path(sys.executable).with_name("schemathesis")
+    result = subprocess.run(
+        [
+            str(st), "run", server.base_url + "/openapi.json",
+            "--header", f"Authorization: Bearer {KEY}",
+            "--checks", "not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance",
+            "--max-examples", "25", "--seed", "1", "--no-color", "--generation-database", "none",
+            "--request-timeout", "60", "--report-dir", str(tmp_path),
+        ],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    summary = result.stdout[-3000:]
+    assert result.returncode == 0, summary
+    assert re.search(r"\d+ generated, \d+ passed", summary), summary
+    assert "Tested: 8" in summary, summary

@@ -51,3 +51,10 @@ def test_logit_bias_outside_vocab():
 def test_min_tokens_above_max_tokens():
     with pytest.raises(InvalidRequestError):
         spec(ChatCompletionRequest(model="m", messages=MSG, max_tokens=2, min_tokens=3))
+
+
+def test_default_max_tokens_respects_the_server_cap():
+    assert resolve_max_tokens(None, 10, 100, default_cap=16) == 16
+    assert resolve_max_tokens(None, 95, 100, default_cap=16) == 5
+    s = sampling_spec(CompletionRequest(model="m", prompt="x"), prompt_tokens=2, max_model_len=100, vocab_size=50, max_tokens_cap=7)
+    assert s.max_tokens == 7

@@ -36,7 +36,10 @@ class SamplingSpec:
     keep_special_tokens: bool = False  # detokenize tags too (the chat output parser strips them)
 
 
-def resolve_max_tokens(requested: int | None, prompt_tokens: int, max_model_len: int) -> int:
+def resolve_max_tokens(
+    requested: int | None, prompt_tokens: int, max_model_len: int, default_cap: int | None = None
+) -> int:
+    """The request's max_tokens, or when absent all remaining context (at most `default_cap`)."""
     room = max_model_len - prompt_tokens
     if room <= 0:
         raise ContextLengthExceededError(
@@ -45,7 +48,7 @@ def resolve_max_tokens(requested: int | None, prompt_tokens: int, max_model_len:
             param="messages",
         )
     if requested is None:
-        return room
+        return room if default_cap is None else min(room, default_cap)
     if requested > room:
         raise ContextLengthExceededError(
             f"This model's maximum context length is {max_model_len} tokens. However, you "
@@ -78,6 +81,7 @@ def sampling_spec(
     json_schema: dict[str, Any] | None = None,
     json_schema_param: str | None = None,
     banned_tokens: tuple[str, ...] = (),
+    max_tokens_cap: int | None = None,
 ) -> SamplingSpec:
     if isinstance(request, ChatCompletionRequest):
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
@@ -87,7 +91,9 @@ def sampling_spec(
         if request.min_tokens > request.requested_max_tokens():
             raise InvalidRequestError("min_tokens must not exceed max_tokens", param="min_tokens")
     return SamplingSpec(
-        max_tokens=resolve_max_tokens(request.requested_max_tokens(), prompt_tokens, max_model_len),
+        max_tokens=resolve_max_tokens(
+            request.requested_max_tokens(), prompt_tokens, max_model_len, max_tokens_cap
+        ),
         n=request.n,
         temperature=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,

@@ -1,0 +1,131 @@
+"""Process lifecycle against real server processes: graceful SIGTERM drain, engine death."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import MODEL_NAME, start_server
+
+STREAM = {
+    "model": MODEL_NAME, "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 150,
+    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+}  # fmt: skip
+
+
+def consume_stream(base_url: str, sink: list, body: dict = STREAM, started: threading.Event | None = None) -> None:
+    try:
+        with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=120) as resp:
+            events = []
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if started is not None and len(events) >= 2:
+                        started.set()
+            sink.append((resp.status_code, events))
+    except httpx.HTTPError as exc:
+        sink.append((None, [repr(exc)]))
+
+
+def running(base_url: str) -> float:
+    for line in httpx.get(base_url + "/metrics").text.splitlines():
+        if line.startswith("jamba_requests_running "):
+            return float(line.split()[1])
+    raise AssertionError("no jamba_requests_running")
+
+
+def wait_for(predicate, within: float, what: str) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < within:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(0.02)
+    pytest.fail(f"{what} not within {within}s")
+
+
+def test_sigterm_drains_in_flight_streams(dev_model):
+    server = start_server("--drain-timeout", "120")
+    try:
+        results: list = []
+        threads = [threading.Thread(target=consume_stream, args=(server.base_url, results)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: running(server.base_url) == 3, 30, "3 running streams")
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: httpx.get(server.base_url + "/ready").status_code == 503, 1.0, "/ready 503")
+        refused = httpx.post(server.base_url + "/v1/chat/completions", json={**STREAM, "stream": False, "stream_options": None})
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "shutting_down"
+        assert httpx.get(server.base_url + "/health").status_code == 200  # alive while draining
+        for t in threads:
+            t.join(120)
+        exit_code = server.proc.wait(60)
+        drain_s = time.monotonic() - signalled
+    finally:
+        server.stop()
+    assert exit_code == 0
+    assert len(results) == 3
+    for status, events in results:
+        assert status == 200 and events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[-1]["usage"]["completion_tokens"] == 150
+        assert any(c["choices"] and c["choices"][0]["finish_reason"] == "length" for c in chunks)
+    print(f"drain took {drain_s:.2f}s with 3 streams in flight")
+
+
+def engine_core(server) -> psutil.Process:
+    for child in psutil.Process(server.proc.pid).children(recursive=True):
+        if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
+            return child
+    raise AssertionError("no engine core process")
+
+
+def test_engine_death_fails_fast_and_exits_non_zero(dev_model):
+    server = start_server()
+    try:
+        results: list = []
+        non_stream: list = []
+
+        def call():
+            body = {**STREAM, "stream": False, "stream_options": None, "max_tokens": 2000}
+            started = time.monotonic()
+            resp = httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=120)
+            non_stream.append((resp.status_code, resp.json(), time.monotonic() - started))
+
+        streaming = threading.Event()
+        threads = [
+            threading.Thread(
+                target=consume_stream, args=(server.base_url, results, {**STREAM, "max_tokens": 2000}, streaming)
+            ),
+            threading.Thread(target=call),
+        ]
+        for t in threads:
+            t.start()
+        assert streaming.wait(60), "stream did not start"
+        wait_for(lambda: running(server.base_url) == 2, 30, "2 running requests")
+        engine_core(server).kill()
+        killed = time.monotonic()
+        for t in threads:
+            t.join(30)
+        ended = time.monotonic() - killed
+        wait_for(lambda: httpx.get(server.base_url + "/health").status_code == 503, 2.0, "/health 503")
+        new = httpx.post(server.base_url + "/v1/chat/completions", json={**STREAM, "stream": False, "stream_options": None})
+        assert new.status_code == 503
+        exit_code = server.proc.wait(30)
+    finally:
+        server.stop()
+    assert exit_code not in (0, None)
+    status, body, _ = non_stream[0]
+    assert status == 503 and body["error"]["type"] == "service_unavailable"
+    stream_status, events = results[0]
+    assert stream_status == 200 and events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["type"] == "service_unavailable"
+    assert ended < 5.0
+    print(f"in-flight requests failed {ended:.2f}s after the engine died; exit code {exit_code}")
