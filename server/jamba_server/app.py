@@ -200,6 +200,16 @@ def create_app(
     def note(request: Request, **fields: Any) -> None:
         request_info(request.scope).update(fields)
 
+    def outcome_note(request: Request, prompt_text: str, result: Any) -> Callable[[], None]:
+        """Token counts for the access-log line, plus prompt and raw outputs with `log_request_content`."""
+
+        def record() -> None:
+            note(request, completion_tokens=result.usage().completion_tokens)
+            if settings.log_request_content:
+                note(request, prompt=prompt_text, outputs=["".join(c.text) for c in result.choices])
+
+        return record
+
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**_STREAMING_OK, **_ERRORS})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         state.check_model(body.model)
@@ -242,11 +252,12 @@ def create_app(
                 streamer.step,
                 streamer.opening(),
                 streamer.usage_chunk if include_usage else None,
+                on_finish=outcome_note(request, prompt.text, streamer),
             )
         result = ChatAccumulator(request_id, state.model_name, spec.n, body.logprobs, plan.parser)
         await state.collect(request, request_id, prompt.token_ids, spec, result.add)
         response = result.build(prompt.token_ids if body.return_token_ids else None)
-        note(request, completion_tokens=response.usage.completion_tokens)
+        outcome_note(request, prompt.text, result)()
         return response
 
     @app.post("/v1/completions", response_model=Completion, responses={**_STREAMING_OK, **_ERRORS})
@@ -289,11 +300,12 @@ def create_app(
                 streamer.step,
                 streamer.echo(echo_text) if echo_text else None,
                 streamer.usage_chunk if include_usage else None,
+                on_finish=outcome_note(request, prompt.text, streamer),
             )
         result = CompletionAccumulator(request_id, state.model_name, spec.n, want_logprobs, echo_text=echo_text)
         await state.collect(request, request_id, prompt.token_ids, spec, result.add)
         response = result.build(prompt.token_ids if body.return_token_ids else None)
-        note(request, completion_tokens=response.usage.completion_tokens if response.usage else 0)
+        outcome_note(request, prompt.text, result)()
         return response
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)

@@ -180,6 +180,7 @@ class ServerState:
         on_step: Callable[[EngineStep], list[Any]],
         opening: Any | None,
         closing: Callable[[], Any] | None,
+        on_finish: Callable[[], None] | None = None,
     ) -> TrackedStreamingResponse:
         """Admit and start the request, then stream it as SSE. Errors before the first engine
         output are HTTP errors; later ones end the stream with an error event."""
@@ -214,6 +215,8 @@ class ServerState:
                 yield sse(ErrorResponse.model_validate(exc.envelope()).model_dump_json())
             finally:
                 await steps.aclose()
+            if on_finish is not None:
+                on_finish()  # before the last write, which emits the access-log line
             yield _SSE_DONE
 
         return TrackedStreamingResponse(events(), on_close=lambda: self.admission.release(ticket))

@@ -50,7 +50,7 @@ def wait_for(predicate, within: float, what: str) -> float:
 
 
 def test_sigterm_drains_in_flight_streams(dev_model):
-    server = start_server("--drain-timeout", "120")
+    server = start_server("--drain-timeout", "120", "--log-request-content")
     try:
         results: list = []
         threads = [threading.Thread(target=consume_stream, args=(server.base_url, results)) for _ in range(3)]
@@ -78,6 +78,12 @@ def test_sigterm_drains_in_flight_streams(dev_model):
         assert chunks[-1]["usage"]["completion_tokens"] == 150
         assert any(c["choices"] and c["choices"][0]["finish_reason"] == "length" for c in chunks)
     print(f"drain took {drain_s:.2f}s with 3 streams in flight")
+    logged = [json.loads(l) for l in server.log_path.read_text().splitlines() if '"path": "/v1/chat/completions"' in l]
+    streamed = [l for l in logged if l["status"] == 200]
+    assert len(streamed) == 3
+    for line in streamed:  # --log-request-content puts prompt and output in the access line
+        assert line["prompt"].endswith("<|bom|><|user|> Go on.<|eom|><|bom|><|assistant|>")
+        assert line["completion_tokens"] == 150 and len(line["outputs"]) == 1
 
 
 def engine_core(server) -> psutil.Process:
