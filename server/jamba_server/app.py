@@ -40,7 +40,7 @@ from jamba_server.errors import (
     ServiceUnavailableError,
 )
 from jamba_server.lifecycle import ServerState
-from jamba_server.metrics import BUILD_INFO, track_admission
+from jamba_server.metrics import BUILD_INFO, GenerationMetrics, record_outcome, record_rejection, track_admission
 from jamba_server.middleware import RequestContextMiddleware, request_info
 from jamba_server.protocol import (
     ChatCompletion,
@@ -173,6 +173,7 @@ def create_app(
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        record_rejection(exc.status_code, exc.code)
         return _error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -200,10 +201,17 @@ def create_app(
     def note(request: Request, **fields: Any) -> None:
         request_info(request.scope).update(fields)
 
-    def outcome_note(request: Request, prompt_text: str, result: Any) -> Callable[[], None]:
-        """Token counts for the access-log line, plus prompt and raw outputs with `log_request_content`."""
+    def generation_metrics(request: Request, prompt_tokens: int, features: tuple[str, ...]) -> GenerationMetrics:
+        metrics = GenerationMetrics(state.model_name, request_info(request.scope)["arrived"], features)
+        metrics.prompt(prompt_tokens)
+        return metrics
+
+    def outcome_note(request: Request, prompt_text: str, result: Any, json_mode: bool = False) -> Callable[[], None]:
+        """At the end of a request: outcome metrics, token counts for the access-log line, and
+        prompt and raw outputs with `log_request_content`."""
 
         def record() -> None:
+            record_outcome(state.model_name, result.outcomes(), getattr(result, "parsers", ()), json_mode)
             note(request, completion_tokens=result.usage().completion_tokens)
             if settings.log_request_content:
                 note(request, prompt=prompt_text, outputs=["".join(c.text) for c in result.choices])
@@ -212,6 +220,7 @@ def create_app(
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**_STREAMING_OK, **_ERRORS})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        note(request, model=state.model_name)
         state.check_model(body.model)
         state.check_ready()
         state.admission.check_open()
@@ -239,6 +248,9 @@ def create_app(
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         note(request, engine_request_id=request_id, prompt_tokens=len(prompt.token_ids), stream=body.stream)
+        features = plan.feature_labels + (("stream",) if body.stream else ())
+        metrics = generation_metrics(request, len(prompt.token_ids), features)
+        json_mode = plan.constraint is not None and plan.constraint.param.startswith("response_format")
         if body.stream:
             streamer = ChatStreamer(
                 request_id, state.model_name, spec.n, body.logprobs, created=int(time.time()), parser=plan.parser
@@ -252,16 +264,18 @@ def create_app(
                 streamer.step,
                 streamer.opening(),
                 streamer.usage_chunk if include_usage else None,
-                on_finish=outcome_note(request, prompt.text, streamer),
+                metrics,
+                on_finish=outcome_note(request, prompt.text, streamer, json_mode),
             )
         result = ChatAccumulator(request_id, state.model_name, spec.n, body.logprobs, plan.parser)
-        await state.collect(request, request_id, prompt.token_ids, spec, result.add)
+        await state.collect(request, request_id, prompt.token_ids, spec, result.add, metrics)
         response = result.build(prompt.token_ids if body.return_token_ids else None)
-        outcome_note(request, prompt.text, result)()
+        outcome_note(request, prompt.text, result, json_mode)()
         return response
 
     @app.post("/v1/completions", response_model=Completion, responses={**_STREAMING_OK, **_ERRORS})
     async def completions(body: CompletionRequest, request: Request):
+        note(request, model=state.model_name)
         state.check_model(body.model)
         state.check_ready()
         state.admission.check_open()
@@ -285,6 +299,7 @@ def create_app(
         )
         request_id = f"cmpl-{uuid.uuid4().hex}"
         note(request, engine_request_id=request_id, prompt_tokens=len(prompt.token_ids), stream=body.stream)
+        metrics = generation_metrics(request, len(prompt.token_ids), ("stream",) if body.stream else ())
         want_logprobs = body.logprobs is not None
         echo_text = prompt.text if body.echo else ""
         if body.stream:
@@ -300,10 +315,11 @@ def create_app(
                 streamer.step,
                 streamer.echo(echo_text) if echo_text else None,
                 streamer.usage_chunk if include_usage else None,
+                metrics,
                 on_finish=outcome_note(request, prompt.text, streamer),
             )
         result = CompletionAccumulator(request_id, state.model_name, spec.n, want_logprobs, echo_text=echo_text)
-        await state.collect(request, request_id, prompt.token_ids, spec, result.add)
+        await state.collect(request, request_id, prompt.token_ids, spec, result.add, metrics)
         response = result.build(prompt.token_ids if body.return_token_ids else None)
         outcome_note(request, prompt.text, result)()
         return response

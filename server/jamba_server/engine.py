@@ -28,6 +28,7 @@ import vllm
 
 from jamba_server.core.outputs import ChoiceDelta, EngineStep, TokenLogprob
 from jamba_server.core.sampling import SamplingSpec
+from jamba_server.metrics import ABORTED
 from jamba_server.errors import (
     APIError,
     InvalidRequestError,
@@ -175,6 +176,7 @@ class EngineAdapter:
         """Abort one engine request; its stream ends with the error for `cause`."""
         if request_id in self._active and self.engine is not None:
             self._active[request_id] = cause
+            ABORTED.labels(cause).inc()
             await self.engine.abort(request_id)
 
     async def abort_all(self, cause: str) -> int:

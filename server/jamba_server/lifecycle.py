@@ -14,6 +14,7 @@ from jamba_server.admission import AdmissionController, Ticket, controller_for
 from jamba_server.core.outputs import EngineStep
 from jamba_server.core.sampling import SamplingSpec
 from jamba_server.engine import EngineAdapter
+from jamba_server.metrics import ABORTED, ADMISSION_LIMIT, ENGINE_READY, GenerationMetrics
 from jamba_server.errors import (
     APIError,
     InvalidRequestError,
@@ -79,6 +80,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
     if task.cancelled() or not task.done():
         await asyncio.gather(task, return_exceptions=True)
+        ABORTED.labels("client_disconnect").inc()
         raise ClientDisconnected("The client closed the connection.")
     return task.result()
 
@@ -95,6 +97,9 @@ class ServerState:
 
     def engine_started(self) -> None:
         self.admission = controller_for(self.settings, self.adapter.max_num_seqs)
+        ADMISSION_LIMIT.labels("running").set(self.admission.max_running)
+        ADMISSION_LIMIT.labels("queued").set(self.admission.max_queued)
+        ENGINE_READY.set_function(lambda: 1.0 if self.adapter.ready else 0.0)
 
     # -------------------------------------------------------------- checks
 
@@ -142,6 +147,7 @@ class ServerState:
             async with asyncio.timeout_at(deadline):
                 return await self.admission.acquire(tokens)
         except TimeoutError:
+            ABORTED.labels("deadline").inc()
             raise RequestTimeoutError("The request timed out waiting for capacity.") from None
 
     @staticmethod
@@ -155,14 +161,16 @@ class ServerState:
         prompt_ids: list[int],
         spec: SamplingSpec,
         on_step: Callable[[EngineStep], Any],
+        metrics: GenerationMetrics,
     ) -> None:
         """Run a non-streaming request to the end, feeding every step to `on_step`."""
         deadline = self.deadline(request)
 
         async def run() -> None:
             ticket = await self._admit(self._budget(prompt_ids, spec), deadline)
+            metrics.admitted()
             try:
-                steps = self.adapter.generate(prompt_ids, spec, request_id, deadline)
+                steps = metrics.observe(self.adapter.generate(prompt_ids, spec, request_id, deadline))
                 async with aclosing(steps):
                     async for step in steps:
                         on_step(step)
@@ -180,6 +188,7 @@ class ServerState:
         on_step: Callable[[EngineStep], list[Any]],
         opening: Any | None,
         closing: Callable[[], Any] | None,
+        metrics: GenerationMetrics,
         on_finish: Callable[[], None] | None = None,
     ) -> TrackedStreamingResponse:
         """Admit and start the request, then stream it as SSE. Errors before the first engine
@@ -188,7 +197,8 @@ class ServerState:
 
         async def start() -> tuple[Ticket, AsyncIterator[EngineStep], EngineStep | None]:
             ticket = await self._admit(self._budget(prompt_ids, spec), deadline)
-            steps = self.adapter.generate(prompt_ids, spec, request_id, deadline)
+            metrics.admitted()
+            steps = metrics.observe(self.adapter.generate(prompt_ids, spec, request_id, deadline))
             try:
                 return ticket, steps, await anext(steps, None)
             except BaseException:
@@ -197,8 +207,10 @@ class ServerState:
                 raise
 
         ticket, steps, first = await until_disconnect(request, start())
+        completed = False
 
         async def events() -> AsyncIterator[bytes]:
+            nonlocal completed
             try:
                 if opening is not None:
                     yield sse(opening.model_dump_json())
@@ -217,9 +229,15 @@ class ServerState:
                 await steps.aclose()
             if on_finish is not None:
                 on_finish()  # before the last write, which emits the access-log line
+            completed = True
             yield _SSE_DONE
 
-        return TrackedStreamingResponse(events(), on_close=lambda: self.admission.release(ticket))
+        def closed() -> None:
+            if not completed:
+                ABORTED.labels("client_disconnect").inc()
+            self.admission.release(ticket)
+
+        return TrackedStreamingResponse(events(), on_close=closed)
 
     # -------------------------------------------------------------- shutdown
 

@@ -1,22 +1,152 @@
-"""The server's own Prometheus metrics (vLLM's `vllm:*` families share the same registry)."""
+"""The server's own Prometheus metrics. vLLM's `vllm:*` families share the same default registry,
+so one `/metrics` serves both. Naming follows Prometheus: base units, `_total` counters,
+`_seconds` histograms."""
 
 from __future__ import annotations
 
-from typing import Callable
+import json
+import time
+from typing import Any, AsyncIterator, Callable, Iterable
 
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge, Histogram
+
+from jamba_server.core.outputs import EngineStep
+
+# Buckets that resolve both a CPU dev model (milliseconds) and 200K-token prompts on GPUs (minutes).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640, 1800)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5)
 
 BUILD_INFO = Gauge(
     "jamba_build_info",
     "Build information of the running server (value is always 1).",
     ["version", "vllm_version", "model", "tensor_parallel_size", "quantization"],
 )
-REQUESTS_RUNNING = Gauge(
-    "jamba_requests_running", "Requests admitted to the engine and not yet finished (this server's count)."
+ENGINE_READY = Gauge("jamba_engine_ready", "1 when the engine is loaded and alive, else 0.")
+
+# ---- HTTP
+HTTP_REQUESTS = Counter(
+    "jamba_http_requests_total", "HTTP requests by route, method, status and model.", ["route", "method", "status", "model"]
 )
+HTTP_DURATION = Histogram(
+    "jamba_http_request_duration_seconds", "HTTP request duration until the response is sent.",
+    ["route", "method"], buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+HTTP_IN_FLIGHT = Gauge("jamba_http_requests_in_flight", "HTTP requests being handled.")
+
+# ---- generation
+TTFT = Histogram("jamba_time_to_first_token_seconds", "Time from request arrival to the first output token.", ["model"], buckets=LATENCY_BUCKETS)
+INTER_TOKEN = Histogram("jamba_inter_token_latency_seconds", "Time between consecutive output tokens.", ["model"], buckets=TOKEN_LATENCY_BUCKETS)
+E2E_LATENCY = Histogram("jamba_e2e_request_latency_seconds", "Time from request arrival to the last output token.", ["model"], buckets=LATENCY_BUCKETS)
+QUEUE_TIME = Histogram("jamba_queue_time_seconds", "Time a request waited in this server's admission queue.", ["model"], buckets=LATENCY_BUCKETS)
+PROMPT_TOKENS = Counter("jamba_prompt_tokens_total", "Prompt tokens of requests sent to the engine.", ["model"])
+GENERATION_TOKENS = Counter("jamba_generation_tokens_total", "Output tokens generated.", ["model"])
+FINISHED = Counter("jamba_request_finish_total", "Finished choices by finish reason.", ["model", "reason"])
+FEATURES = Counter(
+    "jamba_requests_by_feature_total",
+    "Generation requests using a feature (tools, documents, json_mode, json_schema, stream).",
+    ["model", "feature"],
+)
+
+# ---- admission
+REQUESTS_RUNNING = Gauge("jamba_requests_running", "Requests admitted to the engine and not yet finished (this server's count).")
 REQUESTS_QUEUED = Gauge("jamba_requests_queued", "Requests waiting in this server's admission queue.")
+ADMISSION_LIMIT = Gauge("jamba_admission_limit", "Configured admission limits.", ["kind"])
+REJECTED = Counter(
+    "jamba_requests_rejected_total", "Requests rejected before generation, by reason.", ["reason"]
+)  # reasons: overloaded (429), draining (503), too_large (413), unauthorized (401)
+ABORTED = Counter(
+    "jamba_requests_aborted_total", "Engine requests aborted, by cause.", ["cause"]
+)  # causes: client_disconnect, deadline, shutdown
+
+# ---- Jamba semantics
+TOOL_CALL_PARSES = Counter(
+    "jamba_tool_call_parse_total", "Tool-call blocks in model output, by outcome (parsed, fell_back).", ["outcome"]
+)
+CITATIONS = Counter("jamba_citations_returned_total", "Citations returned to clients.")
+JSON_PARSE_FAILURES = Counter(
+    "jamba_json_output_parse_failures_total", "Finished JSON-mode outputs that did not parse as JSON (should stay 0)."
+)
+
+for _labels in (("overloaded",), ("draining",), ("too_large",), ("unauthorized",)):
+    REJECTED.labels(*_labels)
+for _cause in ("client_disconnect", "deadline", "shutdown"):
+    ABORTED.labels(_cause)
+for _outcome in ("parsed", "fell_back"):
+    TOOL_CALL_PARSES.labels(_outcome)
+
+REJECTION_REASONS = {429: "overloaded", 503: "draining", 413: "too_large", 401: "unauthorized"}
 
 
 def track_admission(running: Callable[[], float], queued: Callable[[], float]) -> None:
     REQUESTS_RUNNING.set_function(running)
     REQUESTS_QUEUED.set_function(queued)
+
+
+def record_rejection(status: int, code: str | None) -> None:
+    if status == 503 and code != "shutting_down":
+        return  # loading / engine failed: not an admission decision
+    reason = REJECTION_REASONS.get(status)
+    if reason is not None:
+        REJECTED.labels(reason).inc()
+
+
+class GenerationMetrics:
+    """Timing and token accounting for one request; `arrived` is its perf_counter arrival time."""
+
+    def __init__(self, model: str, arrived: float, features: Iterable[str]):
+        self.model = model
+        self.arrived = arrived
+        self.admitted_at = arrived
+        for feature in features:
+            FEATURES.labels(model, feature).inc()
+
+    def admitted(self) -> None:
+        self.admitted_at = time.perf_counter()
+        QUEUE_TIME.labels(self.model).observe(self.admitted_at - self.arrived)
+
+    def prompt(self, tokens: int) -> None:
+        PROMPT_TOKENS.labels(self.model).inc(tokens)
+
+    async def observe(self, steps: AsyncIterator[EngineStep]) -> AsyncIterator[EngineStep]:
+        """Pass steps through, timing first token, inter-token gaps, end to end and token counts."""
+        last = None
+        ttft = TTFT.labels(self.model)
+        itl = INTER_TOKEN.labels(self.model)
+        generated = GENERATION_TOKENS.labels(self.model)
+        try:
+            async for step in steps:
+                now = time.perf_counter()
+                new_tokens = sum(len(c.token_ids) for c in step.choices)
+                if new_tokens:
+                    if last is None:
+                        ttft.observe(now - self.arrived)
+                    else:
+                        itl.observe((now - last) / new_tokens)
+                    last = now
+                    generated.inc(new_tokens)
+                if step.finished:
+                    E2E_LATENCY.labels(self.model).observe(now - self.arrived)
+                yield step
+        finally:
+            await steps.aclose()
+
+
+def record_outcome(model: str, choices: Iterable[tuple[str | None, str]], parsers: Iterable[Any], json_mode: bool) -> None:
+    """Finish reasons and Jamba-semantics counters for a finished request.
+
+    `choices` holds (API finish reason, raw output text) per choice; `parsers` the chat output parsers.
+    """
+    for reason, text in choices:
+        FINISHED.labels(model, reason or "unfinished").inc()
+        if json_mode and reason == "stop":
+            try:
+                json.loads(text)
+            except ValueError:
+                JSON_PARSE_FAILURES.inc()
+    for parser in parsers:
+        if parser.tool_blocks_parsed:
+            TOOL_CALL_PARSES.labels("parsed").inc(parser.tool_blocks_parsed)
+        if parser.tool_blocks_rejected:
+            TOOL_CALL_PARSES.labels("fell_back").inc(parser.tool_blocks_rejected)
+        if parser.citations_returned:
+            CITATIONS.inc(parser.citations_returned)

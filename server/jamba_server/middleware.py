@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from jamba_server.auth import ApiKeyChecker
 from jamba_server.errors import APIError, AuthenticationError, RequestTooLargeError
 from jamba_server.logs import ACCESS_LOGGER
+from jamba_server.metrics import HTTP_DURATION, HTTP_IN_FLIGHT, HTTP_REQUESTS, record_rejection
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -22,6 +23,19 @@ Send = Callable[[Message], Awaitable[None]]
 
 access_log = logging.getLogger(ACCESS_LOGGER)
 _MAX_REQUEST_ID = 128
+ROUTES = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/health", "/ready",
+     "/metrics", "/version", "/openapi.json", "/docs", "/redoc"}
+)  # fmt: skip
+
+
+def route_label(path: str) -> str:
+    """A bounded label for the route: known paths as they are, anything else as `other`."""
+    if path in ROUTES:
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    return "other"
 
 
 def request_info(scope: Scope) -> dict[str, Any]:
@@ -38,11 +52,10 @@ class BodyTooLarge(HTTPException):
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: Any, *, max_body_bytes: int, auth: ApiKeyChecker, on_rejected: Callable[[int, str], None] | None = None):
+    def __init__(self, app: Any, *, max_body_bytes: int, auth: ApiKeyChecker):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.auth = auth
-        self.on_rejected = on_rejected or (lambda status, reason: None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,6 +66,7 @@ class RequestContextMiddleware:
         request_id = (headers.get("x-request-id") or "")[:_MAX_REQUEST_ID] or uuid.uuid4().hex
         info = request_info(scope)
         info["request_id"] = request_id
+        info["arrived"] = started
         status = {"code": 0}
         header_id = (b"x-request-id", request_id.encode("latin-1", errors="replace"))
 
@@ -63,7 +77,7 @@ class RequestContextMiddleware:
                 message["headers"] = [*message["headers"], header_id]
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                self._log(scope, info, status["code"], started)
+                self._finish(scope, info, status["code"], started)
 
         error: APIError | None = None
         if not self.auth.is_open(scope["path"]) and not self.auth.accepts(headers.get("authorization")):
@@ -72,7 +86,7 @@ class RequestContextMiddleware:
         if error is None and length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             error = self._too_large()
         if error is not None:
-            self.on_rejected(error.status_code, error.code or "")
+            record_rejection(error.status_code, error.code)
             await self._send_error(error, send_wrapper)
             return
 
@@ -84,11 +98,17 @@ class RequestContextMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    self.on_rejected(413, "request_too_large")
+                    record_rejection(413, "request_too_large")
                     raise BodyTooLarge(self.max_body_bytes)
             return message
 
-        await self.app(scope, receive_limited, send_wrapper)
+        HTTP_IN_FLIGHT.inc()
+        try:
+            await self.app(scope, receive_limited, send_wrapper)
+        finally:
+            HTTP_IN_FLIGHT.dec()
+            if not info.get("_finished"):  # the app raised, or the client left before the end
+                self._finish(scope, info, status["code"] or 499, started)
 
     def _too_large(self) -> RequestTooLargeError:
         return RequestTooLargeError(f"The request body is larger than {self.max_body_bytes} bytes.")
@@ -103,14 +123,17 @@ class RequestContextMiddleware:
         await send({"type": "http.response.body", "body": body})
 
     @staticmethod
-    def _log(scope: Scope, info: dict[str, Any], status: int, started: float) -> None:
+    def _finish(scope: Scope, info: dict[str, Any], status: int, started: float) -> None:
+        """Once per request: HTTP metrics and the access-log line."""
+        if info.get("_finished"):
+            return
+        info["_finished"] = True
+        duration = time.perf_counter() - started
+        route = route_label(scope["path"])
+        HTTP_REQUESTS.labels(route, scope["method"], str(status), info.get("model", "")).inc()
+        HTTP_DURATION.labels(route, scope["method"]).observe(duration)
         if not access_log.isEnabledFor(logging.INFO):
             return
-        fields = {
-            "method": scope["method"],
-            "path": scope["path"],
-            "status": status,
-            "duration_s": round(time.perf_counter() - started, 6),
-            **info,
-        }
+        fields = {"method": scope["method"], "path": scope["path"], "status": status, "duration_s": round(duration, 6)}
+        fields.update((k, v) for k, v in info.items() if not k.startswith("_") and k != "arrived")
         access_log.info("request", extra=fields)

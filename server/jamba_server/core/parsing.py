@@ -147,7 +147,9 @@ class OutputParser:
         self._state = "tools" if config.starts_in_tool_block else "content"
         self._citations_seen = False
         self.tool_calls_returned = 0
+        self.tool_blocks_parsed = 0
         self.tool_blocks_rejected = 0  # malformed or not allowed: returned as content
+        self.citations_returned = 0
 
     def feed(self, text: str) -> ParseDelta:
         self._buffer += text
@@ -204,6 +206,7 @@ class OutputParser:
                 out.content += _strip_special(block)
             else:
                 out.tool_calls.extend(calls)
+                self.tool_blocks_parsed += 1
                 self.tool_calls_returned += len(calls)
         else:
             citations = parse_citation_block(block, self.config)
@@ -211,6 +214,7 @@ class OutputParser:
                 out.content += _strip_special(block)
             else:
                 self._citations_seen = True
+                self.citations_returned += len(citations)
                 out.citations = (out.citations or []) + citations
         self._state = "content"
 

@@ -83,6 +83,10 @@ class _Accumulator:
         for delta in step.choices:
             self.choices[delta.index].add(delta)
 
+    def outcomes(self) -> list[tuple[str | None, str]]:
+        """(finish reason as the API reports it, raw output text) per choice."""
+        return [(c.finish_reason, "".join(c.text)) for c in self.choices]
+
     def usage(self) -> Usage:
         completion = sum(len(c.token_ids) for c in self.choices)
         return Usage(
@@ -117,6 +121,12 @@ class _ChatAccumulator(_Accumulator):
     def __init__(self, request_id: str, model: str, n: int, want_logprobs: bool, parser: ParserConfig):
         super().__init__(request_id, model, n, want_logprobs)
         self.parsers = [OutputParser(parser) for _ in range(n)]
+
+    def outcomes(self) -> list[tuple[str | None, str]]:
+        return [
+            (_finish_reason(c.finish_reason, p.tool_calls_returned), "".join(c.text))
+            for c, p in zip(self.choices, self.parsers)
+        ]
 
 
 class ChatAccumulator(_ChatAccumulator):
