@@ -12,9 +12,16 @@ PYTEST_ARGS ?=
 # pins, and break vLLM's engine start; nothing on the text path needs them.
 CPU_UNWANTED := torchvision torchaudio torchcodec
 
-.PHONY: install model serve test clean
+.PHONY: install system-deps model serve test clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed system-deps
+
+# Prometheus and promtool (Debian's package) for the metrics tests: a real scraper and checker.
+system-deps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +35,7 @@ model: $(MODEL_DIR)/DIGEST
 $(MODEL_DIR)/DIGEST: server/jamba_server/dev_model.py server/jamba_server/templates/jamba-1.5.jinja | $(VENV)/.installed
 	$(PY) -m jamba_server.dev_model --out $(MODEL_DIR)
 
-serve: install model
+serve: $(VENV)/.installed model
 	$(VENV)/bin/jamba-server --config configs/dev-cpu.yaml --host $(HOST) --port $(PORT)
 
 test: install model

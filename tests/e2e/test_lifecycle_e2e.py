@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import MODEL_NAME, start_server
 
 STREAM = {
-    "model": MODEL_NAME, "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 150,
+    "model": MODEL_NAME, "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 1200,
     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
 }  # fmt: skip
 
@@ -75,7 +75,7 @@ def test_sigterm_drains_in_flight_streams(dev_model):
     for status, events in results:
         assert status == 200 and events[-1] == "[DONE]"
         chunks = [json.loads(e) for e in events[:-1]]
-        assert chunks[-1]["usage"]["completion_tokens"] == 150
+        assert chunks[-1]["usage"]["completion_tokens"] == 1200
         assert any(c["choices"] and c["choices"][0]["finish_reason"] == "length" for c in chunks)
     print(f"drain took {drain_s:.2f}s with 3 streams in flight")
     logged = [json.loads(l) for l in server.log_path.read_text().splitlines() if '"path": "/v1/chat/completions"' in l]
@@ -83,7 +83,7 @@ def test_sigterm_drains_in_flight_streams(dev_model):
     assert len(streamed) == 3
     for line in streamed:  # --log-request-content puts prompt and output in the access line
         assert line["prompt"].endswith("<|bom|><|user|> Go on.<|eom|><|bom|><|assistant|>")
-        assert line["completion_tokens"] == 150 and len(line["outputs"]) == 1
+        assert line["completion_tokens"] == 1200 and len(line["outputs"]) == 1
 
 
 def engine_core(server) -> psutil.Process:
