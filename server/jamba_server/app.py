@@ -34,7 +34,6 @@ from jamba_server.errors import (
     APIError,
     InternalServerError,
     InvalidRequestError,
-    ModelNotFoundError,
     NotFoundError,
     RequestTooLargeError,
     ServiceUnavailableError,
@@ -201,6 +200,13 @@ def create_app(
     def note(request: Request, **fields: Any) -> None:
         request_info(request.scope).update(fields)
 
+    def begin_generation(request: Request, model: str) -> None:
+        """Checks every generation request passes first, cheapest first, before any tokenizing."""
+        note(request, model=state.model_name)
+        state.check_model(model)
+        state.check_ready()
+        state.admission.check_open()
+
     def generation_metrics(request: Request, prompt_tokens: int, features: tuple[str, ...]) -> GenerationMetrics:
         metrics = GenerationMetrics(state.model_name, request_info(request.scope)["arrived"], features)
         metrics.prompt(prompt_tokens)
@@ -220,10 +226,7 @@ def create_app(
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**_STREAMING_OK, **_ERRORS})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        note(request, model=state.model_name)
-        state.check_model(body.model)
-        state.check_ready()
-        state.admission.check_open()
+        begin_generation(request, body.model)
         check_chat_limits(body, settings)
         plan = plan_chat(body)
         size = sum(len(m.text()) for m in body.messages) + sum(len(d.text) for d in body.documents or [])
@@ -275,10 +278,7 @@ def create_app(
 
     @app.post("/v1/completions", response_model=Completion, responses={**_STREAMING_OK, **_ERRORS})
     async def completions(body: CompletionRequest, request: Request):
-        note(request, model=state.model_name)
-        state.check_model(body.model)
-        state.check_ready()
-        state.admission.check_open()
+        begin_generation(request, body.model)
         check_completion_limits(body, settings)
         if isinstance(body.prompt, str):
             prompt = await _off_loop_if_large(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import httpx
-import openai
 import pytest
 
 from tests.conftest import MODEL_NAME, golden_cases
@@ -11,16 +9,8 @@ from tests.conftest import MODEL_NAME, golden_cases
 HI = [{"role": "user", "content": "Tell me about the weather in London."}]
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
-        yield c
 
 
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=120) as c:
-        yield c
 
 
 def greedy(client, **kwargs):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
 from tests.conftest import MODEL_NAME
@@ -11,10 +10,6 @@ MSG = [{"role": "user", "content": "hi"}]
 CHAT = {"model": MODEL_NAME, "messages": MSG, "max_tokens": 2}
 
 
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=60) as c:
-        yield c
 
 
 def still_serving(http):

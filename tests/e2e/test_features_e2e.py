@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import jsonschema
-import openai
 import pytest
 
 from tests.conftest import MODEL_NAME, case_to_request, golden_cases
@@ -60,16 +58,8 @@ ASK = [{"role": "user", "content": "What's the weather like in Paris?"}]
 DOCS = [{"text": "Harry Potter is by J. K. Rowling.", "title": "HP"}, {"text": "Dogs bark.", "source": "wiki"}]
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300) as c:
-        yield c
 
 
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=300) as c:
-        yield c
 
 
 def token_id(http, token: str) -> int:
