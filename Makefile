@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # pins, and break vLLM's engine start; nothing on the text path needs them.
 CPU_UNWANTED := torchvision torchaudio torchcodec
 
-.PHONY: install system-deps model serve test clean
+.PHONY: install system-deps model serve test bench clean
 
 install: $(VENV)/.installed system-deps
 
@@ -40,6 +40,11 @@ serve: $(VENV)/.installed model
 
 test: install model
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# jamba-server vs vLLM's own server vs the bare engine; QUICK=1 for a reduced sweep.
+bench: $(VENV)/.installed model
+	$(PIP) install --quiet matplotlib
+	$(PY) bench/run.py $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) models build .pytest_cache

@@ -1,0 +1,332 @@
+"""Benchmark: (a) jamba-server, (b) vLLM's own OpenAI server, (c) the bare engine, one after another
+on this machine with the dev model and identical engine arguments. `make bench [QUICK=1]`.
+
+Writes bench/results/latest.json and bench/results/latest.png; prints progress as it goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+MODEL = str(REPO / "models" / "jamba-tiny-dev")
+NAME = "jamba-tiny-dev"
+MAX_TOKENS = 64
+ENGINE_ARGS = {
+    "model": MODEL, "served_model_name": NAME, "dtype": "float32", "max_model_len": 4096, "max_num_seqs": 32,
+    "enforce_eager": True, "enable_prefix_caching": False,
+}  # fmt: skip
+PROMPT = [{"role": "user", "content": "Write a short story about a fox who learns to read the weather. " * 2}]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "London"]}},
+    "required": ["city"], "additionalProperties": False}}}]  # fmt: skip
+SCHEMA = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 99},
+          "name": {"type": "string", "maxLength": 8}}, "required": ["age", "name"], "additionalProperties": False}  # fmt: skip
+ENV = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def workloads(quick: bool, system: str) -> list[dict]:
+    stream = [{"name": f"stream_c{c}", "concurrency": c, "stream": True} for c in ((1, 16) if quick else (1, 16, 64))]
+    points = [*stream]
+    if system != "engine":
+        points += [
+            {"name": "nonstream_c16", "concurrency": 16, "stream": False},
+            {"name": "tools_required_c16", "concurrency": 16, "stream": False, "extra": {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False}},
+            {"name": "json_schema_c16", "concurrency": 16, "stream": False, "extra": {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}}}},
+        ]  # fmt: skip
+    for p in points:
+        p["requests"] = max(8, p["concurrency"] * (2 if quick else 4))
+    return points
+
+
+# ------------------------------------------------------------------ HTTP client
+
+
+async def http_request(client: httpx.AsyncClient, point: dict) -> dict:
+    body = {"model": NAME, "messages": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 1.0, **point.get("extra", {})}
+    if "extra" not in point:
+        body["ignore_eos"] = True
+    start = time.perf_counter()
+    if not point["stream"]:
+        resp = await client.post("/v1/chat/completions", json=body)
+        end = time.perf_counter() - start
+        ok = resp.status_code == 200
+        tokens = resp.json()["usage"]["completion_tokens"] if ok else 0
+        return {"ttft": end, "gaps": [], "tokens": tokens, "ok": ok, "end": end}
+    body["stream"] = True
+    body["stream_options"] = {"include_usage": True}
+    first, last, gaps, tokens, ok = None, None, [], 0, False
+    async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                ok = resp.status_code == 200
+                break
+            chunk = json.loads(line[6:])
+            now = time.perf_counter()
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices") or []:
+                if choice["delta"].get("content"):
+                    if first is None:
+                        first = now - start
+                    elif last is not None:
+                        gaps.append(now - last)
+                    last = now
+    return {"ttft": first, "gaps": gaps, "tokens": tokens, "ok": ok and tokens > 0, "end": time.perf_counter() - start}
+
+
+async def http_point(base_url: str, point: dict) -> tuple[float, list[dict]]:
+    limits = httpx.Limits(max_connections=point["concurrency"], max_keepalive_connections=point["concurrency"])
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+        sem = asyncio.Semaphore(point["concurrency"])
+
+        async def limited():
+            async with sem:
+                try:
+                    return await http_request(client, point)
+                except (httpx.HTTPError, ValueError, KeyError):
+                    return {"ttft": None, "gaps": [], "tokens": 0, "ok": False, "end": 0.0}
+
+        start = time.perf_counter()
+        samples = await asyncio.gather(*(limited() for _ in range(point["requests"])))
+        return time.perf_counter() - start, samples
+
+
+# ------------------------------------------------------------------ systems
+
+
+def server_command(system: str, port: int) -> list[str]:
+    if system == "jamba-server":
+        return [sys.executable, "-m", "jamba_server.cli", "--config", str(REPO / "configs" / "dev-cpu.yaml"),
+                "--model", MODEL, "--port", str(port), "--log-level", "warning", "--max-queued-requests", "4096"]  # fmt: skip
+    return [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", MODEL, "--served-model-name", NAME,
+        "--dtype", "float32", "--max-model-len", "4096", "--max-num-seqs", "32", "--enforce-eager",
+        "--no-enable-prefix-caching", "--port", str(port), "--uvicorn-log-level", "warning",
+        "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
+        "--enable-auto-tool-choice", "--tool-call-parser", "jamba",
+    ]  # fmt: skip
+
+
+def start_http_system(system: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    log_file = (RESULTS / f"{system}.log").open("wb")
+    proc = subprocess.Popen(server_command(system, port), cwd=REPO, env=ENV, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{system} exited {proc.returncode}; see {log_file.name}")
+        try:
+            if httpx.get(base + ("/ready" if system == "jamba-server" else "/health"), timeout=2).status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{system} did not start")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except psutil.Error:
+        return float("nan")
+
+
+def prompt_ids() -> list[int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    text = tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+# ------------------------------------------------------------------ stats
+
+
+def pct(values: list[float], q: float) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def summarize(wall: float, samples: list[dict]) -> dict:
+    ok = [s for s in samples if s["ok"]]
+    tokens = sum(s["tokens"] for s in ok)
+    gaps = [g for s in ok for g in s["gaps"]]
+    return {
+        "requests_per_s": len(ok) / wall, "output_tokens_per_s": tokens / wall, "errors": len(samples) - len(ok),
+        "ttft_p50_s": pct([s["ttft"] for s in ok], 0.5), "ttft_p99_s": pct([s["ttft"] for s in ok], 0.99),
+        "itl_p50_s": pct(gaps, 0.5), "itl_p99_s": pct(gaps, 0.99),
+    }  # fmt: skip
+
+
+def median_of(runs: list[dict]) -> dict:
+    out = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs if r[key] is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
+
+
+# ------------------------------------------------------------------ main
+
+
+def run_http(system: str, quick: bool, repeats: int) -> dict:
+    log(f"starting {system}")
+    proc, base = start_http_system(system)
+    results = {}
+    try:
+        warmup = {"name": "warmup", "concurrency": 16, "stream": True, "requests": 32}
+        asyncio.run(http_point(base, warmup))  # untimed: allocator, caches, connection pools
+        for point in workloads(quick, system):
+            runs = []
+            peak = 0.0
+            for r in range(repeats):
+                wall, samples = asyncio.run(http_point(base, point))
+                peak = max(peak, rss_mb(proc.pid))
+                runs.append(summarize(wall, samples))
+                log(f"{system} {point['name']} run {r + 1}/{repeats}: {runs[-1]['output_tokens_per_s']:.0f} tok/s, "
+                    f"{runs[-1]['errors']} errors")  # fmt: skip
+            results[point["name"]] = {**median_of(runs), "server_rss_mb": peak, "runs": runs}
+    finally:
+        stop(proc)
+    return results
+
+
+def run_engine(quick: bool, repeats: int) -> dict:
+    log("starting bare engine (AsyncLLM in-process)")
+    points = workloads(quick, "engine")
+    plan = [[16, 32]] + [[p["concurrency"], p["requests"]] for p in points for _ in range(repeats)]  # first: warm-up
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "engine_driver.py"), "--engine-args", json.dumps(ENGINE_ARGS),
+         "--prompt-ids", json.dumps(prompt_ids()), "--max-tokens", str(MAX_TOKENS), "--points", json.dumps(plan)],
+        cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=(RESULTS / "engine.log").open("wb"), text=True,
+    )  # fmt: skip
+    by_conc: dict[int, list[dict]] = {}
+    peak = 0.0
+    warming = True
+    for line in proc.stdout:
+        if not line.startswith('{"event"'):
+            continue  # vLLM's own log lines
+        event = json.loads(line)
+        if event["event"] == "point" and warming:
+            warming = False
+        elif event["event"] == "point":
+            peak = max(peak, rss_mb(proc.pid))
+            summary = summarize(event["wall"], event["samples"])
+            by_conc.setdefault(event["concurrency"], []).append(summary)
+            log(f"engine stream_c{event['concurrency']}: {summary['output_tokens_per_s']:.0f} tok/s")
+    proc.wait()
+    return {f"stream_c{c}": {**median_of(runs), "server_rss_mb": peak, "runs": runs} for c, runs in by_conc.items()}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if not a or not b else a / b
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for system, points in results["systems"].items():
+        concs = sorted(int(k.removeprefix("stream_c")) for k in points if k.startswith("stream_c"))
+        ax1.plot(concs, [points[f"stream_c{c}"]["output_tokens_per_s"] for c in concs], marker="o", label=system)
+        ax2.plot(concs, [points[f"stream_c{c}"]["ttft_p50_s"] for c in concs], marker="o", label=system)
+    ax1.set(xlabel="concurrency", ylabel="output tokens/s", title="Streaming throughput", xscale="log")
+    ax2.set(xlabel="concurrency", ylabel="TTFT p50 (s)", title="Time to first token", xscale="log")
+    for ax in (ax1, ax2):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"tiny Jamba dev model, {MAX_TOKENS} streamed tokens, {results['machine']['cores']} cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args()
+    repeats = args.repeats or (1 if args.quick else 3)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    systems = {
+        "jamba-server": run_http("jamba-server", args.quick, repeats),
+        "vllm-server": run_http("vllm-server", args.quick, repeats),
+        "engine": run_engine(args.quick, repeats),
+    }
+    ratios = {}
+    for point, a in systems["jamba-server"].items():
+        b = systems["vllm-server"].get(point, {})
+        c = systems["engine"].get(point, {})
+        ratios[point] = {
+            "tokens_per_s_a_over_b": ratio(a["output_tokens_per_s"], b.get("output_tokens_per_s")),
+            "tokens_per_s_a_over_c": ratio(a["output_tokens_per_s"], c.get("output_tokens_per_s")),
+            "ttft_p99_a_over_b": ratio(a["ttft_p99_s"], b.get("ttft_p99_s")),
+        }
+    results = {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"), "duration_s": round(time.time() - started),
+        "quick": args.quick, "repeats": repeats, "max_tokens": MAX_TOKENS, "engine_args": ENGINE_ARGS,
+        "machine": {"cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30),
+                    "cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+        "systems": systems, "ratios": ratios,
+    }  # fmt: skip
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
+    plot(results, RESULTS / "latest.png")
+    log(f"wrote {RESULTS / 'latest.json'} and latest.png")
+    header = f"{'point':22} {'system':13} {'tok/s':>8} {'req/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'err':>4} {'RSS MB':>7}"
+    print(header)
+    for system, points in systems.items():
+        for name, s in points.items():
+            fmt = lambda v, w, d=3: f"{v:{w}.{d}f}" if v is not None else " " * (w - 1) + "-"  # noqa: E731
+            print(f"{name:22} {system:13} {fmt(s['output_tokens_per_s'], 8, 0)} {fmt(s['requests_per_s'], 7, 2)} "
+                  f"{fmt(s['ttft_p50_s'], 9)} {fmt(s['ttft_p99_s'], 9)} {fmt(s['itl_p50_s'], 8)} {fmt(s['itl_p99_s'], 8)} "
+                  f"{s['errors']:4.0f} {fmt(s['server_rss_mb'], 7, 0)}")  # fmt: skip
+    for name, r in ratios.items():
+        print(f"{name:22} a/b tok/s {r['tokens_per_s_a_over_b'] or 0:.3f}   a/c tok/s {r['tokens_per_s_a_over_c'] or 0:.3f}   a/b TTFT p99 {r['ttft_p99_a_over_b'] or 0:.3f}")
+
+
+if __name__ == "__main__":
+    main()
