@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from jamba_server.errors import InvalidRequestError
 from jamba_server.protocol import ChatMessage
@@ -45,11 +45,6 @@ def template_message(message: ChatMessage) -> dict[str, Any]:
     if message.tool_call_id:
         rendered["tool_call_id"] = message.tool_call_id
     return rendered
-
-
-def template_inputs(messages: Sequence[ChatMessage]) -> dict[str, Any]:
-    """Keyword arguments for `apply_chat_template` (issue-3 features add tools/documents/knobs)."""
-    return {"conversation": [template_message(m) for m in messages]}
 
 
 def render_chat(
