@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -49,13 +51,21 @@ def wait_for(predicate, within: float, what: str) -> float:
     pytest.fail(f"{what} not within {within}s")
 
 
-def test_sigterm_drains_in_flight_streams(dev_model):
+def curl_stream(base_url: str, out: Path) -> subprocess.Popen:
+    """A stream consumed by a separate curl process, so this test process stays free to probe the
+    server while the engine saturates the machine's cores."""
+    return subprocess.Popen(
+        ["curl", "-sN", "-o", str(out), "-w", "%{http_code}", "-H", "Content-Type: application/json",
+         "-d", json.dumps(STREAM), base_url + "/v1/chat/completions"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def test_sigterm_drains_in_flight_streams(dev_model, tmp_path):
     server = start_server("--drain-timeout", "120", "--log-request-content")
     try:
-        results: list = []
-        threads = [threading.Thread(target=consume_stream, args=(server.base_url, results)) for _ in range(3)]
-        for t in threads:
-            t.start()
+        outputs = [tmp_path / f"stream-{i}.txt" for i in range(3)]
+        curls = [curl_stream(server.base_url, out) for out in outputs]
         wait_for(lambda: running(server.base_url) == 3, 30, "3 running streams")
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
@@ -64,16 +74,16 @@ def test_sigterm_drains_in_flight_streams(dev_model):
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "shutting_down"
         assert httpx.get(server.base_url + "/health").status_code == 200  # alive while draining
-        for t in threads:
-            t.join(120)
+        statuses = [c.communicate(timeout=120)[0] for c in curls]
         exit_code = server.proc.wait(60)
         drain_s = time.monotonic() - signalled
     finally:
         server.stop()
     assert exit_code == 0
-    assert len(results) == 3
-    for status, events in results:
-        assert status == 200 and events[-1] == "[DONE]"
+    assert statuses == ["200"] * 3
+    for out in outputs:
+        events = [line[6:] for line in out.read_text().splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
         chunks = [json.loads(e) for e in events[:-1]]
         assert chunks[-1]["usage"]["completion_tokens"] == 1200
         assert any(c["choices"] and c["choices"][0]["finish_reason"] == "length" for c in chunks)
