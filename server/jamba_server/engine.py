@@ -13,28 +13,27 @@ import os
 from contextlib import aclosing
 from typing import Any, AsyncIterator
 
+import vllm
 from transformers import AutoTokenizer
 from vllm import SamplingParams, TokensPrompt
-from vllm.engine.arg_utils import AsyncEngineArgs
-from vllm.platforms import current_platform
 from vllm.config import StructuredOutputsConfig
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMClientError
+from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
-from vllm.exceptions import VLLMClientError
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
 
-import vllm
-
 from jamba_server.core.outputs import ChoiceDelta, EngineStep, TokenLogprob
 from jamba_server.core.sampling import SamplingSpec
-from jamba_server.metrics import ABORTED
 from jamba_server.errors import (
     APIError,
     InvalidRequestError,
     RequestTimeoutError,
     ServiceUnavailableError,
 )
+from jamba_server.metrics import ABORTED
 from jamba_server.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -14,13 +14,18 @@ from jamba_server.admission import AdmissionController, Ticket, controller_for
 from jamba_server.core.outputs import EngineStep
 from jamba_server.core.sampling import SamplingSpec
 from jamba_server.engine import EngineAdapter
-from jamba_server.metrics import ABORTED, ADMISSION_LIMIT, ENGINE_READY, GenerationMetrics
 from jamba_server.errors import (
     APIError,
     InvalidRequestError,
     ModelNotFoundError,
     RequestTimeoutError,
     ServiceUnavailableError,
+)
+from jamba_server.metrics import (
+    ABORTED,
+    ADMISSION_LIMIT,
+    ENGINE_READY,
+    GenerationMetrics,
 )
 from jamba_server.protocol import ErrorResponse
 from jamba_server.settings import Settings
@@ -121,10 +126,6 @@ class ServerState:
                 code="shutting_down",
                 headers={"Retry-After": str(self.settings.retry_after_seconds)},
             )
-
-    @property
-    def ready(self) -> bool:
-        return self.adapter.ready and not self.admission.draining
 
     def deadline(self, request: Request) -> float | None:
         raw = request.headers.get(TIMEOUT_HEADER)
