@@ -253,7 +253,7 @@ def create_app(
         note(request, engine_request_id=request_id, prompt_tokens=len(prompt.token_ids), stream=body.stream)
         features = plan.feature_labels + (("stream",) if body.stream else ())
         metrics = generation_metrics(request, len(prompt.token_ids), features)
-        json_mode = plan.constraint is not None and plan.constraint.param.startswith("response_format")
+        json_mode = not {"json_mode", "json_schema"}.isdisjoint(plan.feature_labels)
         if body.stream:
             streamer = ChatStreamer(
                 request_id, state.model_name, spec.n, body.logprobs, created=int(time.time()), parser=plan.parser

@@ -118,7 +118,9 @@ def _tool_calls(calls: list[ParsedToolCall]) -> list[ResponseToolCall] | None:
 
 
 class _ChatAccumulator(_Accumulator):
-    def __init__(self, request_id: str, model: str, n: int, want_logprobs: bool, parser: ParserConfig):
+    def __init__(
+        self, request_id: str, model: str, n: int, want_logprobs: bool, parser: ParserConfig = ParserConfig()
+    ):
         super().__init__(request_id, model, n, want_logprobs)
         self.parsers = [OutputParser(parser) for _ in range(n)]
 
@@ -131,11 +133,6 @@ class _ChatAccumulator(_Accumulator):
 
 class ChatAccumulator(_ChatAccumulator):
     """Collects a whole request's steps into one `ChatCompletion`."""
-
-    def __init__(
-        self, request_id: str, model: str, n: int, want_logprobs: bool, parser: ParserConfig = ParserConfig()
-    ):
-        super().__init__(request_id, model, n, want_logprobs, parser)
 
     def build(self, prompt_token_ids: list[int] | None = None) -> ChatCompletion:
         """`prompt_token_ids` given: token ids go into the response (`return_token_ids`)."""
