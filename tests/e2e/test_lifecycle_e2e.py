@@ -55,10 +55,15 @@ def curl_stream(base_url: str, out: Path) -> subprocess.Popen:
     """A stream consumed by a separate curl process, so this test process stays free to probe the
     server while the engine saturates the machine's cores."""
     return subprocess.Popen(
-        ["curl", "-sN", "-o", str(out), "-w", "%{http_code}", "-H", "Content-Type: application/json",
+        ["curl", "-sN", "--noproxy", "*", "-o", str(out), "-w", "%{http_code}", "-H", "Content-Type: application/json",
          "-d", json.dumps(STREAM), base_url + "/v1/chat/completions"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+
+def streaming(curl: subprocess.Popen, out: Path) -> bool:
+    """The stream has sent its first chunk and is still open."""
+    return curl.poll() is None and out.exists() and out.read_bytes().count(b"data: ") >= 2
 
 
 def test_sigterm_drains_in_flight_streams(dev_model, tmp_path):
@@ -66,7 +71,14 @@ def test_sigterm_drains_in_flight_streams(dev_model, tmp_path):
     try:
         outputs = [tmp_path / f"stream-{i}.txt" for i in range(3)]
         curls = [curl_stream(server.base_url, out) for out in outputs]
-        wait_for(lambda: running(server.base_url) == 3, 30, "3 running streams")
+        try:
+            wait_for(lambda: all(streaming(c, out) for c, out in zip(curls, outputs)), 60, "3 streams in flight")
+        except BaseException:
+            for curl, out in zip(curls, outputs):
+                print(f"curl exit={curl.poll()} output head={out.read_bytes()[:300] if out.exists() else None!r}")
+            print(server.log_tail())
+            raise
+        assert running(server.base_url) == 3
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: httpx.get(server.base_url + "/ready").status_code == 503, 1.0, "/ready 503")
