@@ -210,39 +210,35 @@ def median_of(runs: list[dict]) -> dict:
 # ------------------------------------------------------------------ main
 
 
-def run_http(system: str, quick: bool, repeats: int) -> dict:
-    log(f"starting {system}")
+def run_http(system: str, quick: bool, label: str) -> dict[str, tuple[dict, float]]:
+    """One pass over the workloads on a fresh server: {point: (summary, peak server RSS)}."""
+    log(f"{label}: starting {system}")
     proc, base = start_http_system(system)
     results = {}
     try:
         warmup = {"name": "warmup", "concurrency": 16, "stream": True, "requests": 32}
         asyncio.run(http_point(base, warmup))  # untimed: allocator, caches, connection pools
         for point in workloads(quick, system):
-            runs = []
-            peak = 0.0
-            for r in range(repeats):
-                wall, samples = asyncio.run(http_point(base, point))
-                peak = max(peak, rss_mb(proc.pid))
-                runs.append(summarize(wall, samples))
-                log(f"{system} {point['name']} run {r + 1}/{repeats}: {runs[-1]['output_tokens_per_s']:.0f} tok/s, "
-                    f"{runs[-1]['errors']} errors")  # fmt: skip
-            results[point["name"]] = {**median_of(runs), "server_rss_mb": peak, "runs": runs}
+            wall, samples = asyncio.run(http_point(base, point))
+            results[point["name"]] = (summarize(wall, samples), rss_mb(proc.pid))
+            log(f"{label}: {system} {point['name']}: {results[point['name']][0]['output_tokens_per_s']:.0f} tok/s, "
+                f"{results[point['name']][0]['errors']} errors")  # fmt: skip
     finally:
         stop(proc)
     return results
 
 
-def run_engine(quick: bool, repeats: int) -> dict:
-    log("starting bare engine (AsyncLLM in-process)")
+def run_engine(quick: bool, label: str) -> dict[str, tuple[dict, float]]:
+    """One pass over the streaming workloads on a fresh in-process engine."""
+    log(f"{label}: starting bare engine (AsyncLLM in-process)")
     points = workloads(quick, "engine")
-    plan = [[16, 32]] + [[p["concurrency"], p["requests"]] for p in points for _ in range(repeats)]  # first: warm-up
+    plan = [[16, 32]] + [[p["concurrency"], p["requests"]] for p in points]  # first: warm-up
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "bench" / "engine_driver.py"), "--engine-args", json.dumps(ENGINE_ARGS),
          "--prompt-ids", json.dumps(prompt_ids()), "--max-tokens", str(MAX_TOKENS), "--points", json.dumps(plan)],
         cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=(RESULTS / "engine.log").open("wb"), text=True,
     )  # fmt: skip
-    by_conc: dict[int, list[dict]] = {}
-    peak = 0.0
+    results = {}
     warming = True
     for line in proc.stdout:
         if not line.startswith('{"event"'):
@@ -251,12 +247,34 @@ def run_engine(quick: bool, repeats: int) -> dict:
         if event["event"] == "point" and warming:
             warming = False
         elif event["event"] == "point":
-            peak = max(peak, rss_mb(proc.pid))
             summary = summarize(event["wall"], event["samples"])
-            by_conc.setdefault(event["concurrency"], []).append(summary)
-            log(f"engine stream_c{event['concurrency']}: {summary['output_tokens_per_s']:.0f} tok/s")
+            results[f"stream_c{event['concurrency']}"] = (summary, rss_mb(proc.pid))
+            log(f"{label}: engine stream_c{event['concurrency']}: {summary['output_tokens_per_s']:.0f} tok/s")
     proc.wait()
-    return {f"stream_c{c}": {**median_of(runs), "server_rss_mb": peak, "runs": runs} for c, runs in by_conc.items()}
+    return results
+
+
+def run_rounds(quick: bool, repeats: int) -> dict:
+    """Every system once per round, a fresh process each time, the order rotating between rounds so
+    that drift on a noisy machine does not favour one system; medians over the rounds."""
+    runners = {
+        "jamba-server": lambda label: run_http("jamba-server", quick, label),
+        "vllm-server": lambda label: run_http("vllm-server", quick, label),
+        "engine": lambda label: run_engine(quick, label),
+    }
+    names = list(runners)
+    collected: dict[str, dict[str, list[tuple[dict, float]]]] = {name: {} for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            for point, result in runners[name](f"round {r + 1}/{repeats}").items():
+                collected[name].setdefault(point, []).append(result)
+    return {
+        name: {
+            point: {**median_of([s for s, _ in runs]), "server_rss_mb": max(rss for _, rss in runs), "runs": [s for s, _ in runs]}
+            for point, runs in points.items()
+        }
+        for name, points in collected.items()
+    }  # fmt: skip
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -292,11 +310,7 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    systems = {
-        "jamba-server": run_http("jamba-server", args.quick, repeats),
-        "vllm-server": run_http("vllm-server", args.quick, repeats),
-        "engine": run_engine(args.quick, repeats),
-    }
+    systems = run_rounds(args.quick, repeats)
     ratios = {}
     for point, a in systems["jamba-server"].items():
         b = systems["vllm-server"].get(point, {})

@@ -47,7 +47,14 @@ _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": 
 
 
 def sse(payload: str) -> bytes:
-    return f"data: {payload.translate(_LINE_BREAKS)}\n\n".encode()
+    if "\x85" in payload or "\u2028" in payload or "\u2029" in payload:
+        payload = payload.translate(_LINE_BREAKS)
+    return b"data: " + payload.encode() + b"\n\n"
+
+
+def sse_events(payloads: list[str]) -> bytes:
+    """Several events in one write."""
+    return b"".join(sse(p) for p in payloads)
 
 
 class TrackedStreamingResponse(StreamingResponse):
@@ -171,9 +178,9 @@ class ServerState:
             ticket = await self._admit(self._budget(prompt_ids, spec), deadline)
             metrics.admitted()
             try:
-                steps = metrics.observe(self.adapter.generate(prompt_ids, spec, request_id, deadline))
-                async with aclosing(steps):
+                async with aclosing(self.adapter.generate(prompt_ids, spec, request_id, deadline)) as steps:
                     async for step in steps:
+                        metrics.step(step)
                         on_step(step)
             finally:
                 self.admission.release(ticket)
@@ -186,52 +193,60 @@ class ServerState:
         request_id: str,
         prompt_ids: list[int],
         spec: SamplingSpec,
-        on_step: Callable[[EngineStep], list[Any]],
-        opening: Any | None,
-        closing: Callable[[], Any] | None,
+        on_step: Callable[[EngineStep], list[str]],
+        opening: str | None,
+        closing: Callable[[], str] | None,
         metrics: GenerationMetrics,
         on_finish: Callable[[], None] | None = None,
     ) -> TrackedStreamingResponse:
         """Admit and start the request, then stream it as SSE. Errors before the first engine
-        output are HTTP errors; later ones end the stream with an error event."""
+        output are HTTP errors; later ones end the stream with an error event.
+
+        `on_step` turns a step into serialized chunks. Chunks that are ready together go out in
+        one write: the opening with the first step's, the last step's with usage and `[DONE]`."""
         deadline = self.deadline(request)
 
         async def start() -> tuple[Ticket, AsyncIterator[EngineStep], EngineStep | None]:
             ticket = await self._admit(self._budget(prompt_ids, spec), deadline)
             metrics.admitted()
-            steps = metrics.observe(self.adapter.generate(prompt_ids, spec, request_id, deadline))
+            steps = self.adapter.generate(prompt_ids, spec, request_id, deadline)
             try:
-                return ticket, steps, await anext(steps, None)
+                first = await anext(steps, None)
             except BaseException:
                 await steps.aclose()
                 self.admission.release(ticket)
                 raise
+            if first is not None:
+                metrics.step(first)
+            return ticket, steps, first
 
         ticket, steps, first = await until_disconnect(request, start())
         completed = False
 
         async def events() -> AsyncIterator[bytes]:
             nonlocal completed
+            pending = [opening] if opening is not None else []
             try:
-                if opening is not None:
-                    yield sse(opening.model_dump_json())
-                if first is not None:
-                    for chunk in on_step(first):
-                        yield sse(chunk.model_dump_json())
-                    async for step in steps:
-                        for chunk in on_step(step):
-                            yield sse(chunk.model_dump_json())
+                step = first
+                while step is not None:
+                    pending += on_step(step)
+                    if not step.finished and pending:
+                        yield sse_events(pending)
+                        pending = []
+                    step = await anext(steps, None)
+                    if step is not None:
+                        metrics.step(step)
                 if closing is not None:
-                    yield sse(closing().model_dump_json())
+                    pending.append(closing())
             except APIError as exc:
                 logger.warning("stream %s ended with error: %s", request_id, exc.message)
-                yield sse(ErrorResponse.model_validate(exc.envelope()).model_dump_json())
+                pending.append(ErrorResponse.model_validate(exc.envelope()).model_dump_json())
             finally:
                 await steps.aclose()
             if on_finish is not None:
                 on_finish()  # before the last write, which emits the access-log line
             completed = True
-            yield _SSE_DONE
+            yield sse_events(pending) + _SSE_DONE
 
         def closed() -> None:
             if not completed:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -97,6 +97,10 @@ class GenerationMetrics:
         self.model = model
         self.arrived = arrived
         self.admitted_at = arrived
+        self._last: float | None = None
+        self._ttft = TTFT.labels(model)
+        self._itl = INTER_TOKEN.labels(model)
+        self._generated = GENERATION_TOKENS.labels(model)
         for feature in features:
             FEATURES.labels(model, feature).inc()
 
@@ -107,28 +111,19 @@ class GenerationMetrics:
     def prompt(self, tokens: int) -> None:
         PROMPT_TOKENS.labels(self.model).inc(tokens)
 
-    async def observe(self, steps: AsyncIterator[EngineStep]) -> AsyncIterator[EngineStep]:
-        """Pass steps through, timing first token, inter-token gaps, end to end and token counts."""
-        last = None
-        ttft = TTFT.labels(self.model)
-        itl = INTER_TOKEN.labels(self.model)
-        generated = GENERATION_TOKENS.labels(self.model)
-        try:
-            async for step in steps:
-                now = time.perf_counter()
-                new_tokens = sum(len(c.token_ids) for c in step.choices)
-                if new_tokens:
-                    if last is None:
-                        ttft.observe(now - self.arrived)
-                    else:
-                        itl.observe((now - last) / new_tokens)
-                    last = now
-                    generated.inc(new_tokens)
-                if step.finished:
-                    E2E_LATENCY.labels(self.model).observe(now - self.arrived)
-                yield step
-        finally:
-            await steps.aclose()
+    def step(self, step: EngineStep) -> None:
+        """Account one engine step as it arrives: first token, inter-token gaps, end to end, tokens."""
+        now = time.perf_counter()
+        new_tokens = sum(len(c.token_ids) for c in step.choices)
+        if new_tokens:
+            if self._last is None:
+                self._ttft.observe(now - self.arrived)
+            else:
+                self._itl.observe((now - self._last) / new_tokens)
+            self._last = now
+            self._generated.inc(new_tokens)
+        if step.finished:
+            E2E_LATENCY.labels(self.model).observe(now - self.arrived)
 
 
 def record_outcome(model: str, choices: Iterable[tuple[str | None, str]], parsers: Iterable[Any], json_mode: bool) -> None:

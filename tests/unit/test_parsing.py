@@ -6,6 +6,8 @@ import string
 from hypothesis import given, settings, strategies as st
 
 from jamba_server.core.parsing import (
+    _MARKERS,
+    _held_prefix_len,
     Citation,
     OutputParser,
     ParseDelta,
@@ -145,3 +147,17 @@ token_outputs = st.lists(
 def test_no_tag_or_special_token_leaks_into_content(text, config):
     content = parse_output(text, config).content
     assert "<" not in content
+
+
+def _held_prefix_reference(text: str) -> int:
+    """The definition, by brute force: the longest suffix that is a proper prefix of a marker."""
+    return max(
+        (size for m in _MARKERS for size in range(1, min(len(m) - 1, len(text)) + 1) if text.endswith(m[:size])),
+        default=0,
+    )
+
+
+@given(st.lists(st.sampled_from(["a", "<", "|", "/", "b", "o", "m", "<|bo", "<tool_", "</cit", "<<|"]), max_size=12))
+def test_held_prefix_matches_its_definition(parts):
+    text = "".join(parts)
+    assert _held_prefix_len(text) == _held_prefix_reference(text)

@@ -9,6 +9,11 @@ from jamba_server.core.responses import (
     CompletionAccumulator,
     CompletionStreamer,
 )
+from jamba_server.protocol import ChatChunkChoice, ChatCompletionChunk, Completion, DeltaMessage
+
+
+def chat_chunks(serialized: list[str]) -> list[ChatCompletionChunk]:
+    return [ChatCompletionChunk.model_validate_json(c) for c in serialized]
 
 
 def steps_from(pieces_per_choice, finish="stop", prompt_tokens=4):
@@ -38,12 +43,12 @@ def test_chat_accumulator_builds_choices_and_usage():
 
 def test_stream_chunks_open_with_role_and_close_with_empty_delta():
     streamer = ChatStreamer("id", "m", 1, want_logprobs=False, created=0)
-    opening = json.loads(streamer.opening().model_dump_json())
+    opening = json.loads(streamer.opening())
     assert opening["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     chunks = [c for s in steps_from([["a", ""]], finish="length") for c in streamer.step(s)]
-    last = json.loads(chunks[-1].model_dump_json())
+    last = json.loads(chunks[-1])
     assert last["choices"][0]["delta"] == {} and last["choices"][0]["finish_reason"] == "length"
-    assert streamer.usage_chunk().usage.completion_tokens == 2
+    assert json.loads(streamer.usage_chunk())["usage"]["completion_tokens"] == 2
 
 
 @settings(max_examples=200, deadline=None)
@@ -57,13 +62,13 @@ def test_streamed_text_equals_accumulated_text(pieces_per_choice):
     finish = [None] * n
     for step in steps:
         acc.add(step)
-        for choice in [c for chunk in streamer.step(step) for c in chunk.choices]:
+        for choice in [c for chunk in chat_chunks(streamer.step(step)) for c in chunk.choices]:
             streamed[choice.index] += choice.delta.content or ""
             finish[choice.index] = choice.finish_reason or finish[choice.index]
     built = acc.build()
     assert streamed == [c.message.content for c in built.choices]
     assert finish == [c.finish_reason for c in built.choices]
-    assert streamer.usage_chunk().usage == built.usage
+    assert ChatCompletionChunk.model_validate_json(streamer.usage_chunk()).usage == built.usage
 
 
 def test_chat_logprobs_shape():
@@ -88,7 +93,7 @@ def test_completion_echo_and_offsets():
     offsets = []
     for step in steps:
         acc.add(step)
-        offsets += streamer.step(step)[0].choices[0].logprobs.text_offset
+        offsets += Completion.model_validate_json(streamer.step(step)[0]).choices[0].logprobs.text_offset
     choice = acc.build().choices[0]
     assert choice.text == "Hello!"
     assert choice.logprobs.text_offset == [3, 5] == offsets
@@ -104,9 +109,26 @@ def test_stream_citations_arrive_in_final_chunk_only():
     chunks = []
     for i, piece in enumerate(pieces):
         last = i == len(pieces) - 1
-        chunks += streamer.step(EngineStep((ChoiceDelta(0, piece, (i,), None, "stop" if last else None),), 1, last))
+        chunks += chat_chunks(
+            streamer.step(EngineStep((ChoiceDelta(0, piece, (i,), None, "stop" if last else None),), 1, last))
+        )
     with_citations = [c for c in chunks if c.choices[0].delta.citations is not None]
     assert len(with_citations) == 1 and with_citations[0] is chunks[-1]
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert [c.document_id for c in chunks[-1].choices[0].delta.citations] == [1]
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Answer tail"
+
+
+@given(st.text(), st.integers(0, 3))
+def test_text_chunks_are_the_models_own_json(text, index):
+    """The per-token fast path writes exactly what building and serializing the models would."""
+    chat = ChatStreamer("chatcmpl-1", "m", 4, want_logprobs=False, created=7)
+    step = EngineStep((ChoiceDelta(index, text, (1,), None, None),), 1, False)
+    expected = ChatCompletionChunk(
+        id="chatcmpl-1", created=7, model="m", choices=[ChatChunkChoice(index=index, delta=DeltaMessage(content=text))]
+    ).model_dump_json()
+    if "<" not in text:  # no marker in play: all of it is content at once
+        assert chat.step(step) == ([expected] if text else [])
+    completion = CompletionStreamer("cmpl-1", "m", 4, want_logprobs=False, created=7)
+    got = completion.step(step)
+    assert got == ([Completion(id="cmpl-1", created=7, model="m", choices=[{"index": index, "text": text}]).model_dump_json()] if text else [])

@@ -72,15 +72,18 @@ class ParserConfig:
     starts_in_tool_block: bool = False  # the prompt already ends with `<tool_calls>`
 
 
+_MARKER_PREFIXES = frozenset(m[:size] for m in _MARKERS for size in range(1, len(m)))
+_LONGEST_MARKER = max(len(m) for m in _MARKERS)
+
+
 def _held_prefix_len(text: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of some marker."""
-    best = 0
-    for marker in _MARKERS:
-        for size in range(min(len(marker) - 1, len(text)), best, -1):
-            if text.endswith(marker[:size]):
-                best = size
-                break
-    return best
+    """Length of the longest suffix of `text` that is a proper prefix of some marker.
+
+    Every marker has its only `<` at the start, so such a suffix starts at the last `<`."""
+    start = text.rfind("<")
+    if start < 0 or len(text) - start >= _LONGEST_MARKER:
+        return 0
+    return len(text) - start if text[start:] in _MARKER_PREFIXES else 0
 
 
 def _strip_special(text: str) -> str:
@@ -181,6 +184,10 @@ class OutputParser:
 
     def _scan_content(self, out: ParseDelta) -> bool:
         """Emit content up to the next marker and act on it; False when more text is needed."""
+        if "<" not in self._buffer:  # the common case: plain text, no marker can start here
+            out.content += self._buffer
+            self._buffer = ""
+            return False
         positions = [(self._buffer.find(m), m) for m in _MARKERS]
         found = [(pos, m) for pos, m in positions if pos >= 0]
         if not found:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Callable
 
 from jamba_server.core.outputs import ChoiceDelta, EngineStep, TokenLogprob
 from jamba_server.core.parsing import (
@@ -32,6 +34,25 @@ from jamba_server.protocol import (
     TopLogprob,
     Usage,
 )
+
+
+_SLOT = "__text_slot__"
+
+
+class _TextChunks:
+    """JSON of the common stream chunk — one choice carrying only new text — without building
+    models per token: the model's own serialization with the text spliced in (same bytes)."""
+
+    def __init__(self, render: Callable[[int, str], str]):
+        self._render = render
+        self._parts: dict[int, tuple[str, str]] = {}
+
+    def __call__(self, index: int, text: str) -> str:
+        parts = self._parts.get(index)
+        if parts is None:
+            head, _, tail = self._render(index, _SLOT).partition(json.dumps(_SLOT))
+            parts = self._parts[index] = (head, tail)
+        return parts[0] + json.dumps(text, ensure_ascii=False) + parts[1]
 
 
 def _token_bytes(token: str) -> list[int]:
@@ -179,13 +200,16 @@ class ChatStreamer(_ChatAccumulator):
         super().__init__(request_id, model, n, want_logprobs, parser)
         self.created = created
         self._pending_citations: list[list[Citation] | None] = [None] * n
-
-    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
-            id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage
+        self._content_chunk = _TextChunks(
+            lambda i, text: self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=text))])
         )
 
-    def opening(self) -> ChatCompletionChunk:
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        return ChatCompletionChunk(
+            id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage
+        ).model_dump_json()
+
+    def opening(self) -> str:
         return self._chunk(
             [
                 ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
@@ -193,12 +217,22 @@ class ChatStreamer(_ChatAccumulator):
             ]
         )
 
-    def step(self, step: EngineStep) -> list[ChatCompletionChunk]:
+    def step(self, step: EngineStep) -> list[str]:
+        """The step's chunks, serialized."""
         self.add(step)
         chunks = []
         for d in step.choices:
             parser = self.parsers[d.index]
             parsed = parser.feed(d.text)
+            if (
+                d.finish_reason is None
+                and not (self.want_logprobs and d.logprobs)
+                and not parsed.tool_calls
+                and parsed.citations is None
+            ):
+                if parsed.content:
+                    chunks.append(self._content_chunk(d.index, parsed.content))
+                continue
             # Citations go out with the choice's final chunk only.
             if parsed.citations is not None:
                 self._pending_citations[d.index] = (self._pending_citations[d.index] or []) + parsed.citations
@@ -262,7 +296,7 @@ class ChatStreamer(_ChatAccumulator):
                 deltas.append(DeltaMessage(citations=refs))
         return deltas
 
-    def usage_chunk(self) -> ChatCompletionChunk:
+    def usage_chunk(self) -> str:
         return self._chunk([], usage=self.usage())
 
 
@@ -312,18 +346,25 @@ class CompletionStreamer(_Accumulator):
         super().__init__(request_id, model, n, want_logprobs)
         self.created = created
         self._offsets = [0] * n
+        self._text_chunk = _TextChunks(lambda i, text: self._chunk([CompletionChoice(index=i, text=text)]))
 
-    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
+    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         return Completion(
             id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage
-        )
+        ).model_dump_json()
 
-    def echo(self, text: str) -> Completion:
+    def echo(self, text: str) -> str:
         self._offsets = [len(text)] * len(self._offsets)
         return self._chunk([CompletionChoice(index=i, text=text) for i in range(len(self.choices))])
 
-    def step(self, step: EngineStep) -> list[Completion]:
+    def step(self, step: EngineStep) -> list[str]:
+        """The step's chunk (all its choices in one), serialized."""
         self.add(step)
+        if len(step.choices) == 1 and not self.want_logprobs:
+            d = step.choices[0]
+            if d.finish_reason is None:
+                self._offsets[d.index] += len(d.text)
+                return [self._text_chunk(d.index, d.text)] if d.text else []
         choices = []
         for d in step.choices:
             if not (d.text or d.finish_reason is not None or d.logprobs):
@@ -337,5 +378,5 @@ class CompletionStreamer(_Accumulator):
             )
         return [self._chunk(choices)] if choices else []
 
-    def usage_chunk(self) -> Completion:
+    def usage_chunk(self) -> str:
         return self._chunk([], usage=self.usage())
