@@ -1,6 +1,7 @@
 """The bare engine as the upper bound: vLLM's AsyncLLM in-process, no HTTP, same engine arguments.
 
-Prints one JSON object per workload point to stdout: {"concurrency", "samples": [...]}.
+Reads one workload point per line on stdin (`[concurrency, requests]`) and answers each with one
+JSON object on stdout: {"event": "point", "concurrency", "wall", "samples": [...]}. Ends at EOF.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 import time
 import uuid
 
@@ -37,7 +39,6 @@ async def main() -> None:
     parser.add_argument("--engine-args", required=True)
     parser.add_argument("--prompt-ids", required=True)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--points", required=True, help="JSON list of [concurrency, requests]")
     args = parser.parse_args()
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -50,7 +51,9 @@ async def main() -> None:
         max_tokens=args.max_tokens, ignore_eos=True, temperature=1.0, output_kind=RequestOutputKind.DELTA
     )
     print(json.dumps({"event": "ready", "pid": os.getpid()}), flush=True)
-    for concurrency, requests in json.loads(args.points):
+    loop = asyncio.get_running_loop()
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        concurrency, requests = json.loads(line)
         sem = asyncio.Semaphore(concurrency)
 
         async def limited():

@@ -40,6 +40,7 @@ SCHEMA = {"type": "object", "properties": {"age": {"type": "integer", "minimum":
 ENV = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -59,8 +60,8 @@ def workloads(quick: bool, system: str) -> list[dict]:
             {"name": "tools_required_c16", "concurrency": 16, "stream": False, "extra": {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False}},
             {"name": "json_schema_c16", "concurrency": 16, "stream": False, "extra": {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}}}},
         ]  # fmt: skip
-    for p in points:
-        p["requests"] = max(8, p["concurrency"] * (2 if quick else 4))
+    for p in points:  # full runs: ~5-15 s per point, long enough to average out this machine's jitter
+        p["requests"] = max(8, p["concurrency"] * 2) if quick else max(8, p["concurrency"] * 6, 256 if p["concurrency"] >= 64 else 0)
     return points
 
 
@@ -210,71 +211,106 @@ def median_of(runs: list[dict]) -> dict:
 # ------------------------------------------------------------------ main
 
 
-def run_http(system: str, quick: bool, label: str) -> dict[str, tuple[dict, float]]:
-    """One pass over the workloads on a fresh server: {point: (summary, peak server RSS)}."""
-    log(f"{label}: starting {system}")
-    proc, base = start_http_system(system)
-    results = {}
-    try:
-        warmup = {"name": "warmup", "concurrency": 16, "stream": True, "requests": 32}
-        asyncio.run(http_point(base, warmup))  # untimed: allocator, caches, connection pools
-        for point in workloads(quick, system):
-            wall, samples = asyncio.run(http_point(base, point))
-            results[point["name"]] = (summarize(wall, samples), rss_mb(proc.pid))
-            log(f"{label}: {system} {point['name']}: {results[point['name']][0]['output_tokens_per_s']:.0f} tok/s, "
-                f"{results[point['name']][0]['errors']} errors")  # fmt: skip
-    finally:
-        stop(proc)
-    return results
+class HttpSystem:
+    """A server process: jamba-server or vLLM's own."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.proc, self.base = start_http_system(name)
+
+    def run(self, point: dict) -> dict:
+        return summarize(*asyncio.run(http_point(self.base, point)))
+
+    def rss(self) -> float:
+        return rss_mb(self.proc.pid)
+
+    def close(self) -> None:
+        stop(self.proc)
 
 
-def run_engine(quick: bool, label: str) -> dict[str, tuple[dict, float]]:
-    """One pass over the streaming workloads on a fresh in-process engine."""
-    log(f"{label}: starting bare engine (AsyncLLM in-process)")
-    points = workloads(quick, "engine")
-    plan = [[16, 32]] + [[p["concurrency"], p["requests"]] for p in points]  # first: warm-up
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "bench" / "engine_driver.py"), "--engine-args", json.dumps(ENGINE_ARGS),
-         "--prompt-ids", json.dumps(prompt_ids()), "--max-tokens", str(MAX_TOKENS), "--points", json.dumps(plan)],
-        cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=(RESULTS / "engine.log").open("wb"), text=True,
-    )  # fmt: skip
-    results = {}
-    warming = True
-    for line in proc.stdout:
-        if not line.startswith('{"event"'):
-            continue  # vLLM's own log lines
-        event = json.loads(line)
-        if event["event"] == "point" and warming:
-            warming = False
-        elif event["event"] == "point":
-            summary = summarize(event["wall"], event["samples"])
-            results[f"stream_c{event['concurrency']}"] = (summary, rss_mb(proc.pid))
-            log(f"{label}: engine stream_c{event['concurrency']}: {summary['output_tokens_per_s']:.0f} tok/s")
-    proc.wait()
-    return results
+class EngineSystem:
+    """The bare engine: AsyncLLM in a driver process, fed one workload point at a time over stdin."""
+
+    name = "engine"
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "bench" / "engine_driver.py"), "--engine-args", json.dumps(ENGINE_ARGS),
+             "--prompt-ids", json.dumps(prompt_ids()), "--max-tokens", str(MAX_TOKENS)],
+            cwd=REPO, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=(RESULTS / "engine.log").open("wb"), text=True,
+        )  # fmt: skip
+        self._event("ready")
+
+    def _event(self, kind: str) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith('{"event"'):  # anything else is vLLM's own output
+                event = json.loads(line)
+                if event["event"] == kind:
+                    return event
+        raise RuntimeError(f"engine driver exited {self.proc.wait()}; see {RESULTS / 'engine.log'}")
+
+    def run(self, point: dict) -> dict:
+        self.proc.stdin.write(json.dumps([point["concurrency"], point["requests"]]) + "\n")
+        self.proc.stdin.flush()
+        event = self._event("point")
+        return summarize(event["wall"], event["samples"])
+
+    def rss(self) -> float:
+        return rss_mb(self.proc.pid)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
-def run_rounds(quick: bool, repeats: int) -> dict:
-    """Every system once per round, a fresh process each time, the order rotating between rounds so
-    that drift on a noisy machine does not favour one system; medians over the rounds."""
-    runners = {
-        "jamba-server": lambda label: run_http("jamba-server", quick, label),
-        "vllm-server": lambda label: run_http("vllm-server", quick, label),
-        "engine": lambda label: run_engine(quick, label),
-    }
-    names = list(runners)
-    collected: dict[str, dict[str, list[tuple[dict, float]]]] = {name: {} for name in names}
+def run_rounds(quick: bool, repeats: int) -> tuple[dict, dict]:
+    """Each round starts every system afresh, one at a time (two vLLM engines loaded side by side
+    disturb each other's streams here, even idle), and runs all its points; the order rotates
+    between rounds so drift on a noisy machine favours no system. Returns (per-system medians over
+    rounds, per-point ratios: the median of each round's a/b and a/c)."""
+    factories = {"jamba-server": lambda: HttpSystem("jamba-server"), "vllm-server": lambda: HttpSystem("vllm-server"),
+                 "engine": EngineSystem}  # fmt: skip
+    names = list(factories)
+    runs: dict[str, dict[str, list[dict]]] = {name: {} for name in names}
+    rss: dict[str, dict[str, float]] = {name: {} for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            for point, result in runners[name](f"round {r + 1}/{repeats}").items():
-                collected[name].setdefault(point, []).append(result)
-    return {
-        name: {
-            point: {**median_of([s for s, _ in runs]), "server_rss_mb": max(rss for _, rss in runs), "runs": [s for s, _ in runs]}
-            for point, runs in points.items()
-        }
-        for name, points in collected.items()
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            log(f"round {r + 1}/{repeats}: starting {name}")
+            system = factories[name]()
+            try:
+                system.run({"name": "warmup", "concurrency": 16, "stream": True, "requests": 32})  # untimed
+                for point in workloads(quick, name):
+                    summary = system.run(point)
+                    runs[name].setdefault(point["name"], []).append(summary)
+                    rss[name][point["name"]] = max(rss[name].get(point["name"], 0.0), system.rss())
+                    log(f"round {r + 1}/{repeats}: {name} {point['name']}: {summary['output_tokens_per_s']:.0f} tok/s, "
+                        f"TTFT p99 {summary['ttft_p99_s'] or 0:.3f} s, {summary['errors']} errors")  # fmt: skip
+            finally:
+                system.close()
+    results = {
+        name: {point: {**median_of(r), "server_rss_mb": rss[name][point], "runs": r} for point, r in points.items()}
+        for name, points in runs.items()
     }  # fmt: skip
+    ratios = {}
+    for point, a_runs in runs["jamba-server"].items():
+        b_runs, c_runs = runs["vllm-server"].get(point, []), runs["engine"].get(point, [])
+        ratios[point] = {
+            "tokens_per_s_a_over_b": paired(a_runs, b_runs, "output_tokens_per_s"),
+            "tokens_per_s_a_over_c": paired(a_runs, c_runs, "output_tokens_per_s"),
+            "ttft_p99_a_over_b": paired(a_runs, b_runs, "ttft_p99_s"),
+        }
+    return results, ratios
+
+
+def paired(a_runs: list[dict], b_runs: list[dict], key: str) -> float | None:
+    """Median over rounds of a/b, each from the same round."""
+    values = [ratio(a[key], b[key]) for a, b in zip(a_runs, b_runs)]
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -310,16 +346,7 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    systems = run_rounds(args.quick, repeats)
-    ratios = {}
-    for point, a in systems["jamba-server"].items():
-        b = systems["vllm-server"].get(point, {})
-        c = systems["engine"].get(point, {})
-        ratios[point] = {
-            "tokens_per_s_a_over_b": ratio(a["output_tokens_per_s"], b.get("output_tokens_per_s")),
-            "tokens_per_s_a_over_c": ratio(a["output_tokens_per_s"], c.get("output_tokens_per_s")),
-            "ttft_p99_a_over_b": ratio(a["ttft_p99_s"], b.get("ttft_p99_s")),
-        }
+    systems, ratios = run_rounds(args.quick, repeats)
     results = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"), "duration_s": round(time.time() - started),
         "quick": args.quick, "repeats": repeats, "max_tokens": MAX_TOKENS, "engine_args": ENGINE_ARGS,
