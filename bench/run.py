@@ -238,7 +238,7 @@ class EngineSystem:
             [sys.executable, str(REPO / "bench" / "engine_driver.py"), "--engine-args", json.dumps(ENGINE_ARGS),
              "--prompt-ids", json.dumps(prompt_ids()), "--max-tokens", str(MAX_TOKENS)],
             cwd=REPO, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=(RESULTS / "engine.log").open("wb"), text=True,
+            stderr=(RESULTS / "engine.log").open("wb"), text=True, start_new_session=True,
         )  # fmt: skip
         self._event("ready")
 
@@ -264,7 +264,9 @@ class EngineSystem:
         try:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the driver and vLLM's engine processes
+            self.proc.wait()
+        self.proc.stdout.close()
 
 
 def run_rounds(quick: bool, repeats: int) -> tuple[dict, dict]:

@@ -193,9 +193,16 @@ def test_entrypoint_rejects_an_unknown_preset_listing_the_presets():
     assert all(name in result.stderr for name in PRESETS), result.stderr
 
 
-def test_entrypoint_without_preset_passes_flags_to_jamba_server():
+@pytest.mark.parametrize("preset", ["", "dev-cpu"], ids=["without-preset", "with-preset"])
+def test_entrypoint_passes_its_arguments_to_jamba_server(preset):
+    """Only jamba-server itself answers `--help` with its usage and exit 0: without the arguments it
+    would start serving (or, without a preset, exit 2 for want of a model)."""
+    result = run_entrypoint({"JAMBA_PRESET": preset}, "--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: jamba-server"), result.stderr
+
+
+def test_entrypoint_without_preset_needs_a_model():
     result = run_entrypoint({"JAMBA_PRESET": ""}, "--max-num-seqs", "4")
-    # jamba-server itself answered: flags only, and no --model among them.
     assert result.returncode == 2 and "no model" in result.stderr, result.stderr
 
 

@@ -6,7 +6,8 @@
    contradicting flags or env, probes on /health and /ready, grace period above the drain, /dev/shm
    in memory, the model cache on a shared PVC, selectors that select, a queue metric that exists.
 
-Every check also runs on deliberately broken copies, so none of them can pass vacuously.
+Deliberately broken copies (a wrong field, a contradicting flag, a mismatched selector, ...) show
+that validation and the main consistency checks can fail.
 """
 
 from __future__ import annotations

@@ -149,6 +149,11 @@ def test_no_tag_or_special_token_leaks_into_content(text, config):
     assert "<" not in content
 
 
+def test_markers_start_with_their_only_lt():
+    """The parser's fast paths rely on it: text without `<` holds no marker and no marker prefix."""
+    assert all(m.startswith("<") and m.count("<") == 1 for m in _MARKERS)
+
+
 def _held_prefix_reference(text: str) -> int:
     """The definition, by brute force: the longest suffix that is a proper prefix of a marker."""
     return max(

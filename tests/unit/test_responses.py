@@ -132,3 +132,10 @@ def test_text_chunks_are_the_models_own_json(text, index):
     completion = CompletionStreamer("cmpl-1", "m", 4, want_logprobs=False, created=7)
     got = completion.step(step)
     assert got == ([Completion(id="cmpl-1", created=7, model="m", choices=[{"index": index, "text": text}]).model_dump_json()] if text else [])
+
+
+def test_a_model_named_like_the_text_slot_still_streams_its_text():
+    chat = ChatStreamer("chatcmpl-1", "__text_slot__", 1, want_logprobs=False, created=7)
+    [chunk] = chat.step(EngineStep((ChoiceDelta(0, "hi", (1,), None, None),), 1, False))
+    parsed = ChatCompletionChunk.model_validate_json(chunk)
+    assert parsed.model == "__text_slot__" and parsed.choices[0].delta.content == "hi"

@@ -50,7 +50,10 @@ class _TextChunks:
     def __call__(self, index: int, text: str) -> str:
         parts = self._parts.get(index)
         if parts is None:
-            head, _, tail = self._render(index, _SLOT).partition(json.dumps(_SLOT))
+            template = self._render(index, _SLOT)
+            if template.count(json.dumps(_SLOT)) != 1:  # e.g. a model named like the slot
+                return self._render(index, text)
+            head, _, tail = template.partition(json.dumps(_SLOT))
             parts = self._parts[index] = (head, tail)
         return parts[0] + json.dumps(text, ensure_ascii=False) + parts[1]
 
