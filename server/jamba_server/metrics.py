@@ -96,7 +96,6 @@ class GenerationMetrics:
     def __init__(self, model: str, arrived: float, features: Iterable[str]):
         self.model = model
         self.arrived = arrived
-        self.admitted_at = arrived
         self._last: float | None = None
         self._ttft = TTFT.labels(model)
         self._itl = INTER_TOKEN.labels(model)
@@ -105,8 +104,7 @@ class GenerationMetrics:
             FEATURES.labels(model, feature).inc()
 
     def admitted(self) -> None:
-        self.admitted_at = time.perf_counter()
-        QUEUE_TIME.labels(self.model).observe(self.admitted_at - self.arrived)
+        QUEUE_TIME.labels(self.model).observe(time.perf_counter() - self.arrived)
 
     def prompt(self, tokens: int) -> None:
         PROMPT_TOKENS.labels(self.model).inc(tokens)
