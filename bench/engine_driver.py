@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import sys
@@ -41,12 +42,18 @@ async def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
     from vllm import SamplingParams
+    from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**json.loads(args.engine_args)))
+    engine_args = json.loads(args.engine_args)
+    if "structured_outputs_config" in engine_args:
+        engine_args["structured_outputs_config"] = StructuredOutputsConfig(**engine_args["structured_outputs_config"])
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args))
     prompt_ids = json.loads(args.prompt_ids)
+    gc.collect()
+    gc.freeze()  # as both servers do after start-up: full collections then skip the startup heap
     params = SamplingParams(
         max_tokens=args.max_tokens, ignore_eos=True, temperature=1.0, output_kind=RequestOutputKind.DELTA
     )

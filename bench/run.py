@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -21,15 +22,20 @@ from pathlib import Path
 
 import httpx
 import psutil
+import uvloop
+
+import client
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 MODEL = str(REPO / "models" / "jamba-tiny-dev")
 NAME = "jamba-tiny-dev"
 MAX_TOKENS = 64
+REQUEST_TIMEOUT_S = 600
 ENGINE_ARGS = {
     "model": MODEL, "served_model_name": NAME, "dtype": "float32", "max_model_len": 4096, "max_num_seqs": 32,
     "enforce_eager": True, "enable_prefix_caching": False,
+    "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
 }  # fmt: skip
 PROMPT = [{"role": "user", "content": "Write a short story about a fox who learns to read the weather. " * 2}]
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -68,56 +74,45 @@ def workloads(quick: bool, system: str) -> list[dict]:
 # ------------------------------------------------------------------ HTTP client
 
 
-async def http_request(client: httpx.AsyncClient, point: dict) -> dict:
+def request_body(point: dict) -> dict:
     body = {"model": NAME, "messages": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 1.0, **point.get("extra", {})}
     if "extra" not in point:
         body["ignore_eos"] = True
-    start = time.perf_counter()
-    if not point["stream"]:
-        resp = await client.post("/v1/chat/completions", json=body)
-        end = time.perf_counter() - start
-        ok = resp.status_code == 200
-        tokens = resp.json()["usage"]["completion_tokens"] if ok else 0
-        return {"ttft": end, "gaps": [], "tokens": tokens, "ok": ok, "end": end}
-    body["stream"] = True
-    body["stream_options"] = {"include_usage": True}
-    first, last, gaps, tokens, ok = None, None, [], 0, False
-    async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
-                ok = resp.status_code == 200
-                break
-            chunk = json.loads(line[6:])
-            now = time.perf_counter()
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            for choice in chunk.get("choices") or []:
-                if choice["delta"].get("content"):
-                    if first is None:
-                        first = now - start
-                    elif last is not None:
-                        gaps.append(now - last)
-                    last = now
-    return {"ttft": first, "gaps": gaps, "tokens": tokens, "ok": ok and tokens > 0, "end": time.perf_counter() - start}
+    if point["stream"]:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
 
 
 async def http_point(base_url: str, point: dict) -> tuple[float, list[dict]]:
-    limits = httpx.Limits(max_connections=point["concurrency"], max_keepalive_connections=point["concurrency"])
-    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
-        sem = asyncio.Semaphore(point["concurrency"])
+    """`requests` requests over `concurrency` keep-alive connections, each taking the next request
+    as soon as its last one ends (a closed loop, like the bare engine's driver)."""
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    gc.collect()
+    gc.freeze()  # this process holds transformers (for the engine's prompt): keep its heap out of collections
+    body = request_body(point)
+    send = client.chat_stream if point["stream"] else client.chat
+    remaining = point["requests"]
+    samples: list[dict] = []
 
-        async def limited():
-            async with sem:
+    async def worker() -> None:
+        nonlocal remaining
+        conn = client.Connection(host, int(port))
+        try:
+            while remaining > 0:
+                remaining -= 1
                 try:
-                    return await http_request(client, point)
-                except (httpx.HTTPError, ValueError, KeyError):
-                    return {"ttft": None, "gaps": [], "tokens": 0, "ok": False, "end": 0.0}
+                    async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                        samples.append(await send(conn, body))
+                except (client.HTTPError, OSError, ValueError, KeyError, TimeoutError):
+                    conn.close()
+                    samples.append({"ttft": None, "gaps": [], "tokens": 0, "ok": False, "end": 0.0})
+        finally:
+            conn.close()
 
-        start = time.perf_counter()
-        samples = await asyncio.gather(*(limited() for _ in range(point["requests"])))
-        return time.perf_counter() - start, samples
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(min(point["concurrency"], point["requests"]))))
+    return time.perf_counter() - start, samples
 
 
 # ------------------------------------------------------------------ systems
@@ -164,6 +159,12 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time of one process, all its threads, not its children (the engine core and worker)."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
 def rss_mb(pid: int) -> float:
     try:
         return psutil.Process(pid).memory_info().rss / 2**20
@@ -189,14 +190,18 @@ def pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def summarize(wall: float, samples: list[dict]) -> dict:
+def summarize(wall: float, samples: list[dict], frontend_cpu: float, client_cpu: float | None) -> dict:
+    """`frontend_cpu`: CPU seconds of the process that talks to the engine core (the API server, or
+    the bare engine's driver); `client_cpu`: of the benchmark client (None for the bare engine)."""
     ok = [s for s in samples if s["ok"]]
     tokens = sum(s["tokens"] for s in ok)
     gaps = [g for s in ok for g in s["gaps"]]
+    per_token_ms = lambda cpu: None if cpu is None or not tokens else 1000 * cpu / tokens  # noqa: E731
     return {
         "requests_per_s": len(ok) / wall, "output_tokens_per_s": tokens / wall, "errors": len(samples) - len(ok),
         "ttft_p50_s": pct([s["ttft"] for s in ok], 0.5), "ttft_p99_s": pct([s["ttft"] for s in ok], 0.99),
         "itl_p50_s": pct(gaps, 0.5), "itl_p99_s": pct(gaps, 0.99),
+        "frontend_cpu_ms_per_token": per_token_ms(frontend_cpu), "client_cpu_ms_per_token": per_token_ms(client_cpu),
     }  # fmt: skip
 
 
@@ -219,7 +224,9 @@ class HttpSystem:
         self.proc, self.base = start_http_system(name)
 
     def run(self, point: dict) -> dict:
-        return summarize(*asyncio.run(http_point(self.base, point)))
+        server, me = cpu_seconds(self.proc.pid), cpu_seconds(os.getpid())
+        wall, samples = uvloop.run(http_point(self.base, point))
+        return summarize(wall, samples, cpu_seconds(self.proc.pid) - server, cpu_seconds(os.getpid()) - me)
 
     def rss(self) -> float:
         return rss_mb(self.proc.pid)
@@ -253,8 +260,9 @@ class EngineSystem:
     def run(self, point: dict) -> dict:
         self.proc.stdin.write(json.dumps([point["concurrency"], point["requests"]]) + "\n")
         self.proc.stdin.flush()
+        driver = cpu_seconds(self.proc.pid)
         event = self._event("point")
-        return summarize(event["wall"], event["samples"])
+        return summarize(event["wall"], event["samples"], cpu_seconds(self.proc.pid) - driver, None)
 
     def rss(self) -> float:
         return rss_mb(self.proc.pid)
@@ -345,7 +353,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args()
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats or (1 if args.quick else 5)
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.time()
     systems, ratios = run_rounds(args.quick, repeats)
@@ -359,14 +367,14 @@ def main() -> None:
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
     plot(results, RESULTS / "latest.png")
     log(f"wrote {RESULTS / 'latest.json'} and latest.png")
-    header = f"{'point':22} {'system':13} {'tok/s':>8} {'req/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'err':>4} {'RSS MB':>7}"
+    header = f"{'point':22} {'system':13} {'tok/s':>8} {'req/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'err':>4} {'RSS MB':>7} {'front ms/tok':>12} {'client ms/tok':>13}"
     print(header)
     for system, points in systems.items():
         for name, s in points.items():
             fmt = lambda v, w, d=3: f"{v:{w}.{d}f}" if v is not None else " " * (w - 1) + "-"  # noqa: E731
             print(f"{name:22} {system:13} {fmt(s['output_tokens_per_s'], 8, 0)} {fmt(s['requests_per_s'], 7, 2)} "
                   f"{fmt(s['ttft_p50_s'], 9)} {fmt(s['ttft_p99_s'], 9)} {fmt(s['itl_p50_s'], 8)} {fmt(s['itl_p99_s'], 8)} "
-                  f"{s['errors']:4.0f} {fmt(s['server_rss_mb'], 7, 0)}")  # fmt: skip
+                  f"{s['errors']:4.0f} {fmt(s['server_rss_mb'], 7, 0)} {fmt(s['frontend_cpu_ms_per_token'], 12)} {fmt(s['client_cpu_ms_per_token'], 13)}")  # fmt: skip
     for name, r in ratios.items():
         print(f"{name:22} a/b tok/s {r['tokens_per_s_a_over_b'] or 0:.3f}   a/c tok/s {r['tokens_per_s_a_over_c'] or 0:.3f}   a/b TTFT p99 {r['ttft_p99_a_over_b'] or 0:.3f}")
 

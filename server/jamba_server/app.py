@@ -4,6 +4,7 @@ Typed errors are mapped to OpenAI's envelope once, here."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 import uuid
@@ -95,6 +96,15 @@ async def _off_loop_if_large(size: int, fn: Callable[..., Any], *args: Any) -> A
     return fn(*args)
 
 
+def freeze_startup_heap() -> None:
+    """Take everything alive once the engine is up (torch, transformers, the tokenizer, vLLM's
+    client) out of the garbage collector's reach, as vLLM's own server does. Without this, each
+    full collection walks that heap with the event loop stopped: 250-420 ms pauses were seen on
+    the dev model, stalling every stream and every arrival behind them."""
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(
     settings: Settings,
     adapter: EngineAdapter,
@@ -111,6 +121,7 @@ def create_app(
     async def start_engine() -> None:
         try:
             await asyncio.to_thread(adapter.start)
+            freeze_startup_heap()
         except BaseException as exc:  # noqa: BLE001 - any start failure ends the process
             state.start_error = exc
             logger.exception("engine failed to start")
