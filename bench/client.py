@@ -26,10 +26,14 @@ class Connection:
         self.host, self.port = host, port
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._body_pending = False  # a response body not read to its end: the connection cannot be reused
 
     async def _ensure_open(self) -> None:
+        if self._body_pending:
+            self.close()
         if self._writer is None or self._writer.is_closing():
             self._reader, self._writer = await asyncio.open_connection(self.host, self.port, limit=2**20)
+            self._body_pending = False
 
     def close(self) -> None:
         if self._writer is not None:
@@ -45,11 +49,12 @@ class Connection:
             f"Content-Length: {len(payload)}\r\n\r\n"
         )
         self._writer.write(head.encode() + payload)
+        self._body_pending = True
         try:
             header_block = await self._reader.readuntil(b"\r\n\r\n")
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError) as exc:
             self.close()
-            raise HTTPError(f"connection closed before the response: {exc}") from exc
+            raise HTTPError(f"no response: {exc!r}") from exc
         status_line, *header_lines = header_block.decode("latin-1").split("\r\n")
         try:
             status = int(status_line.split(" ", 2)[1])
@@ -74,28 +79,31 @@ class Connection:
         reader = self._reader
         try:
             if headers.get("transfer-encoding", "").lower() == "chunked":
-                while True:
-                    size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
-                    if size == 0:
-                        await reader.readuntil(b"\r\n")  # no trailers from these servers
-                        return
+                while size := int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16):
                     data = await reader.readexactly(size + 2)
                     yield data[:-2]
-            else:
-                length = int(headers.get("content-length", "0"))
+                while await reader.readuntil(b"\r\n") != b"\r\n":
+                    pass  # trailer fields, up to the blank line that ends the message
+            elif "content-length" in headers:
+                length = int(headers["content-length"])
                 if length:
                     yield await reader.readexactly(length)
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+            else:  # the body runs to the end of the connection
+                yield await reader.read()
+                self.close()
+                return
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError) as exc:
             self.close()
-            raise HTTPError(f"broken response body: {exc}") from exc
+            raise HTTPError(f"broken response body: {exc!r}") from exc
+        self._body_pending = False
 
 
 async def chat_stream(conn: Connection, body: dict) -> dict:
-    """One streaming chat completion: time to first content, gaps between content chunks, and the
-    completion token count from the usage chunk."""
+    """One streaming chat completion: time to first content, gaps between content chunks, the
+    completion token count from the usage chunk, and the content itself."""
     start = time.perf_counter()
     status, data = await conn.post("/v1/chat/completions", body)
-    first, last, gaps, tokens, done = None, None, [], 0, False
+    first, last, gaps, tokens, done, text = None, None, [], 0, False, []
     buffer = b""
     async for piece in data:
         now = time.perf_counter()
@@ -112,14 +120,16 @@ async def chat_stream(conn: Connection, body: dict) -> dict:
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             for choice in chunk.get("choices") or ():
-                if choice["delta"].get("content"):
+                if content := choice["delta"].get("content"):
+                    text.append(content)
                     if first is None:
                         first = now - start
                     elif last is not None:
                         gaps.append(now - last)
                     last = now
     ok = status == 200 and done and tokens > 0
-    return {"ttft": first, "gaps": gaps, "tokens": tokens, "ok": ok, "end": time.perf_counter() - start}
+    end = time.perf_counter() - start
+    return {"ttft": first, "gaps": gaps, "tokens": tokens, "ok": ok, "end": end, "text": "".join(text)}
 
 
 async def chat(conn: Connection, body: dict) -> dict:

@@ -88,8 +88,6 @@ async def http_point(base_url: str, point: dict) -> tuple[float, list[dict]]:
     """`requests` requests over `concurrency` keep-alive connections, each taking the next request
     as soon as its last one ends (a closed loop, like the bare engine's driver)."""
     host, port = base_url.removeprefix("http://").rsplit(":", 1)
-    gc.collect()
-    gc.freeze()  # this process holds transformers (for the engine's prompt): keep its heap out of collections
     body = request_body(point)
     send = client.chat_stream if point["stream"] else client.chat
     remaining = point["requests"]
@@ -224,6 +222,8 @@ class HttpSystem:
         self.proc, self.base = start_http_system(name)
 
     def run(self, point: dict) -> dict:
+        gc.collect()
+        gc.freeze()  # this process holds transformers (for the engine's prompt): keep it out of collections
         server, me = cpu_seconds(self.proc.pid), cpu_seconds(os.getpid())
         wall, samples = uvloop.run(http_point(self.base, point))
         return summarize(wall, samples, cpu_seconds(self.proc.pid) - server, cpu_seconds(os.getpid()) - me)
@@ -258,9 +258,9 @@ class EngineSystem:
         raise RuntimeError(f"engine driver exited {self.proc.wait()}; see {RESULTS / 'engine.log'}")
 
     def run(self, point: dict) -> dict:
+        driver = cpu_seconds(self.proc.pid)
         self.proc.stdin.write(json.dumps([point["concurrency"], point["requests"]]) + "\n")
         self.proc.stdin.flush()
-        driver = cpu_seconds(self.proc.pid)
         event = self._event("point")
         return summarize(event["wall"], event["samples"], cpu_seconds(self.proc.pid) - driver, None)
 
