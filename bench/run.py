@@ -46,7 +46,6 @@ SCHEMA = {"type": "object", "properties": {"age": {"type": "integer", "minimum":
 ENV = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
-
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 

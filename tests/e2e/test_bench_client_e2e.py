@@ -9,29 +9,34 @@ MESSAGES = [{"role": "user", "content": "Hi"}]
 BODY = {"model": "jamba-tiny-dev", "messages": MESSAGES, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
 
 
-def _connection(base_url: str) -> bench_client.Connection:
+def _two_on_one_connection(base_url: str, first, second) -> tuple[dict, dict, bool]:
+    """Run two (send, body) requests one after the other on one connection; also say whether the
+    second went over the same socket as the first."""
     host, port = base_url.removeprefix("http://").rsplit(":", 1)
-    return bench_client.Connection(host, int(port))
 
+    async def run():
+        conn = bench_client.Connection(host, int(port))
 
-def _local_port(conn: bench_client.Connection) -> int:
-    return conn._writer.get_extra_info("sockname")[1]
+        def local_port() -> int:
+            return conn._writer.get_extra_info("sockname")[1]
+
+        try:
+            one = await first[0](conn, first[1])
+            before = local_port()
+            two = await second[0](conn, second[1])
+            return one, two, before == local_port()
+        finally:
+            conn.close()
+
+    return asyncio.run(run())
 
 
 def test_stream_and_non_stream_match_the_openai_client(server, client):
     stream_body = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
 
-    async def run():
-        conn = _connection(server.base_url)
-        try:
-            streamed = await bench_client.chat_stream(conn, stream_body)
-            port = _local_port(conn)
-            whole = await bench_client.chat(conn, BODY)
-            return streamed, whole, port == _local_port(conn)
-        finally:
-            conn.close()
-
-    streamed, whole, same_connection = asyncio.run(run())
+    streamed, whole, same_connection = _two_on_one_connection(
+        server.base_url, (bench_client.chat_stream, stream_body), (bench_client.chat, BODY)
+    )
     chunks = list(
         client.chat.completions.create(
             model="jamba-tiny-dev", messages=MESSAGES, max_tokens=8, temperature=0, stream=True,
@@ -47,17 +52,9 @@ def test_stream_and_non_stream_match_the_openai_client(server, client):
 
 
 def test_error_status_is_not_ok_and_the_connection_stays_usable(server):
-    async def run():
-        conn = _connection(server.base_url)
-        try:
-            bad = await bench_client.chat(conn, {**BODY, "model": "no-such-model"})
-            port = _local_port(conn)
-            good = await bench_client.chat(conn, BODY)
-            return bad, good, port == _local_port(conn)
-        finally:
-            conn.close()
-
-    bad, good, same_connection = asyncio.run(run())
+    bad, good, same_connection = _two_on_one_connection(
+        server.base_url, (bench_client.chat, {**BODY, "model": "no-such-model"}), (bench_client.chat, BODY)
+    )
     assert not bad["ok"] and bad["tokens"] == 0
     assert good["ok"] and good["tokens"] == 8
     assert same_connection
