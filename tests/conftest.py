@@ -21,6 +21,7 @@ DEV_CONFIG = REPO / "configs" / "dev-cpu.yaml"
 GOLDEN = REPO.parent / "shared" / "jamba-chat-format" / "template_cases.json"
 MODEL_NAME = "jamba-tiny-dev"
 STARTUP_TIMEOUT_S = 240
+NOTABLE_LOG_MARKS = ('"level": "WARNING"', '"level": "ERROR"', "ERROR:", "WARNING:", "Traceback", "Error")
 
 
 def golden_cases() -> list[dict]:
@@ -57,6 +58,7 @@ class ServerProcess:
             *extra_args,
         ]  # fmt: skip
         self._log = self.log_path.open("wb")
+        SERVERS.append(self)
         self.proc = subprocess.Popen(
             args, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})}, start_new_session=True,
@@ -78,6 +80,14 @@ class ServerProcess:
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
+    def notable_log_lines(self, lines: int = 30, width: int = 600) -> str:
+        """The last warnings, errors and tracebacks in the server's log, each cut to `width`."""
+        notable = [
+            line[:width] for line in self.log_path.read_text(errors="replace").splitlines()
+            if any(mark in line for mark in NOTABLE_LOG_MARKS)
+        ]  # fmt: skip
+        return "\n".join(notable[-lines:])
+
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -88,6 +98,21 @@ class ServerProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+SERVERS: list[ServerProcess] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failed test's report carries the warnings and errors its servers logged meanwhile (CI
+    keeps the report, not the servers' log files)."""
+    report = yield
+    if report.failed and call.when == "call":
+        for server in SERVERS:
+            if server.log_path.exists() and server.log_path.stat().st_mtime >= call.start:
+                report.sections.append((f"server {server.port} log (warnings, errors)", server.notable_log_lines()))
+    return report
 
 
 def start_server(*extra_args: str, env: dict[str, str] | None = None) -> ServerProcess:

@@ -72,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         loop="uvloop",
         http="httptools",
         access_log=False,
+        timeout_keep_alive=settings.timeout_keep_alive,
     )
     server = DrainingServer(config)
     # uvicorn re-raises the signal it stopped on once it has shut down; a drained SIGTERM/SIGINT

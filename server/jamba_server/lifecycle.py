@@ -106,11 +106,16 @@ class ServerState:
         self.model_aliases = {self.model_name, settings.model}
         self.start_error: BaseException | None = None
         self.admission: AdmissionController = controller_for(settings, None)
+        self.started = False
 
     def engine_started(self) -> None:
+        """Size admission to the engine, then open for requests. Readiness waits for this, not
+        for the adapter alone: a request admitted before the swap would be invisible to the
+        running gauge and to the drain."""
         self.admission = controller_for(self.settings, self.adapter.max_num_seqs)
         ADMISSION_LIMIT.labels("running").set(self.admission.max_running)
         ADMISSION_LIMIT.labels("queued").set(self.admission.max_queued)
+        self.started = True
         ENGINE_READY.set_function(lambda: 1.0 if self.adapter.ready else 0.0)
 
     # -------------------------------------------------------------- checks
@@ -125,7 +130,7 @@ class ServerState:
     def check_ready(self) -> None:
         if self.adapter.dead:
             raise ServiceUnavailableError("The engine has failed; the server is restarting.")
-        if not self.adapter.ready:
+        if not self.started or not self.adapter.ready:
             raise ServiceUnavailableError("The model is still loading; retry shortly.")
         if self.admission.draining:
             raise ServiceUnavailableError(

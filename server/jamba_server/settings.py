@@ -49,6 +49,10 @@ class Settings(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
     log_request_content: bool = False  # prompts and outputs stay out of logs unless enabled
+    # Idle keep-alive connections close after this many seconds. It must exceed the idle timeout of
+    # any proxy in front (ALB 60 s, nginx upstream 60 s): a proxy or pooled client that reuses a
+    # connection the server has just closed gets a reset (uvicorn's and vLLM's default is 5 s).
+    timeout_keep_alive: int = Field(75, ge=1)
 
     # Admission control (see admission.py)
     max_concurrent_requests: int | None = Field(None, ge=1)  # engine slots; default max_num_seqs
@@ -137,6 +141,7 @@ _SCALAR_FIELDS: dict[str, Any] = {
     "log_level": str,
     "log_format": str,
     "log_request_content": bool,
+    "timeout_keep_alive": int,
     "max_concurrent_requests": int,
     "max_queued_requests": int,
     "max_tokens_in_flight": int,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import time
 
 import httpx
@@ -186,6 +187,32 @@ def test_deadline_header(http):
     wait_idle(http, within=1.0)
     bad = http.post("/v1/chat/completions", json=chat_body(), headers={"X-Request-Timeout": "soon"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Request-Timeout"
+
+
+def _get_health(sock: socket.socket, port: int) -> bytes:
+    """One GET /health on an open connection; returns the status line."""
+    sock.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the keep-alive connection"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection mid-body"
+        body += chunk
+    return head.split(b"\r\n", 1)[0]
+
+
+def test_idle_keep_alive_connection_outlives_uvicorns_default(server):
+    """A pooled client or proxy reuses a connection after it sat idle; uvicorn's default (5 s) would
+    have closed it by then, and the reuse would fail with a reset."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        assert _get_health(sock, server.port) == b"HTTP/1.1 200 OK"
+        time.sleep(6.0)
+        assert _get_health(sock, server.port) == b"HTTP/1.1 200 OK"
 
 
 def test_request_id_is_echoed_or_generated(http):

@@ -1,6 +1,7 @@
 """The app's startup sequence (engine start, then readiness) with the engine left out."""
 
 import gc
+import threading
 
 from fastapi.testclient import TestClient
 
@@ -15,13 +16,16 @@ class EngineStartOnly:
     max_model_len = 64
     dead = False
 
-    def __init__(self) -> None:
+    def __init__(self, finish_start: threading.Event | None = None) -> None:
         self.ready = False
         self.frozen_at_start: int | None = None
+        self.finish_start = finish_start
 
     def start(self) -> None:
         self.frozen_at_start = gc.get_freeze_count()
         self.ready = True
+        if self.finish_start is not None:  # the engine is up; the start call has not returned yet
+            assert self.finish_start.wait(10)
 
     def shutdown(self) -> None:
         pass
@@ -41,4 +45,34 @@ def test_startup_heap_is_frozen_once_the_engine_is_up():
             assert adapter.frozen_at_start == 0
             assert gc.get_freeze_count() > 1000
     finally:
+        gc.unfreeze()
+
+
+def wait_until(predicate) -> bool:
+    for _ in range(500):
+        if predicate():
+            return True
+        threading.Event().wait(0.01)
+    return predicate()
+
+
+def test_not_ready_until_admission_is_sized_for_the_engine():
+    finish_start = threading.Event()
+    adapter = EngineStartOnly(finish_start)
+    app = create_app(Settings(model="m"), adapter)
+    try:
+        with TestClient(app) as client:
+            assert wait_until(lambda: adapter.ready)
+            # The adapter reports ready, but the server has not sized admission to the engine yet:
+            # a request admitted now would be missing from the running gauge and the drain.
+            assert client.get("/ready").status_code == 503
+            chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            refused = client.post("/v1/chat/completions", json=chat)
+            assert refused.status_code == 503
+            assert "loading" in refused.json()["error"]["message"]
+            finish_start.set()
+            assert wait_until(lambda: client.get("/ready").status_code == 200)
+            assert app.state.server.admission.max_running == adapter.max_num_seqs
+    finally:
+        finish_start.set()
         gc.unfreeze()

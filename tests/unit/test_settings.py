@@ -75,6 +75,12 @@ def test_vllm_flag_names():
     assert kwargs["served_model_name"] == "x"
 
 
+def test_keep_alive_outlasts_common_proxy_idle_timeouts():
+    assert load_settings(["--model", "m"], environ={}).timeout_keep_alive > 60  # ALB, nginx upstream
+    environ = {"JAMBA_TIMEOUT_KEEP_ALIVE": "650"}  # behind a proxy that keeps idle connections longer
+    assert load_settings(["--model", "m"], environ=environ).timeout_keep_alive == 650
+
+
 def test_engine_arg_passthrough_is_typed():
     settings = settings_for(
         "dev-cpu.yaml", "--engine-arg", "max_num_batched_tokens=2048", "--engine-arg", "swap-space=0.5"
@@ -97,6 +103,7 @@ def test_engine_arg_cannot_shadow_typed_setting():
         (["--model", "m", "--tensor-parallel-size", "0"], {}),
         (["--model", "m"], {"JAMBA_ENFORCE_EAGER": "maybe"}),
         (["--config", "/nonexistent.yaml"], {}),
+        (["--model", "m", "--timeout-keep-alive", "0"], {}),
     ],
 )
 def test_bad_settings_are_settings_errors(argv, environ):
