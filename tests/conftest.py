@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,7 +22,8 @@ DEV_CONFIG = REPO / "configs" / "dev-cpu.yaml"
 GOLDEN = REPO.parent / "shared" / "jamba-chat-format" / "template_cases.json"
 MODEL_NAME = "jamba-tiny-dev"
 STARTUP_TIMEOUT_S = 240
-NOTABLE_LOG_MARKS = ('"level": "WARNING"', '"level": "ERROR"', "ERROR:", "WARNING:", "Traceback", "Error")
+# Our JSON lines ("level": "ERROR"), uvicorn's ("ERROR:"), vLLM's ("(EngineCore pid=1) WARNING 11-27 ...").
+NOTABLE_LOG_LINE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback|Error\b")
 
 
 def golden_cases() -> list[dict]:
@@ -80,13 +82,15 @@ class ServerProcess:
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def notable_log_lines(self, lines: int = 30, width: int = 600) -> str:
-        """The last warnings, errors and tracebacks in the server's log, each cut to `width`."""
-        notable = [
-            line[:width] for line in self.log_path.read_text(errors="replace").splitlines()
-            if any(mark in line for mark in NOTABLE_LOG_MARKS)
-        ]  # fmt: skip
-        return "\n".join(notable[-lines:])
+    def notable_log_lines(self, since: int = 0, lines: int = 30, width: int = 1200) -> str:
+        """The last warnings, errors and tracebacks logged after byte `since`; a long line keeps its
+        head and its tail (a JSON line's exception is at its end)."""
+        with self.log_path.open("rb") as log:
+            log.seek(since)
+            text = log.read().decode(errors="replace")
+        notable = [line for line in text.splitlines() if NOTABLE_LOG_LINE.search(line)][-lines:]
+        half = width // 2
+        return "\n".join(line if len(line) <= width else f"{line[:half]} ... {line[-half:]}" for line in notable)
 
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:
@@ -101,17 +105,37 @@ class ServerProcess:
 
 
 SERVERS: list[ServerProcess] = []
+LOG_OFFSETS = pytest.StashKey[dict[int, int]]()
+
+
+def _log_size(server: ServerProcess) -> int:
+    try:
+        return server.log_path.stat().st_size
+    except OSError:
+        return 0
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[LOG_OFFSETS] = {id(server): _log_size(server) for server in SERVERS}
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """A failed test's report carries the warnings and errors its servers logged meanwhile (CI
-    keeps the report, not the servers' log files)."""
+    """A failed test's report carries what its servers logged meanwhile as warnings and errors
+    (CI keeps the report, not the servers' log files)."""
     report = yield
     if report.failed and call.when == "call":
+        offsets = item.stash.get(LOG_OFFSETS, {})
         for server in SERVERS:
-            if server.log_path.exists() and server.log_path.stat().st_mtime >= call.start:
-                report.sections.append((f"server {server.port} log (warnings, errors)", server.notable_log_lines()))
+            since = offsets.get(id(server), 0)
+            if _log_size(server) <= since:
+                continue
+            try:
+                notable = server.notable_log_lines(since)
+            except OSError as exc:
+                notable = f"(log unreadable: {exc})"
+            report.sections.append((f"server {server.port} log during the test (warnings, errors)", notable))
     return report
 
 

@@ -20,9 +20,10 @@ from jamba_server.settings import Settings
 
 @dataclass(eq=False)
 class Ticket:
-    """One admitted request; release it exactly once when the request ends."""
+    """One admitted request; release it exactly once, to `issuer`, when the request ends."""
 
     tokens: int
+    issuer: AdmissionController = field(repr=False)
     released: bool = False
 
 
@@ -61,7 +62,7 @@ class AdmissionController:
     def _start(self, tokens: int) -> Ticket:
         self.running += 1
         self.running_tokens += tokens
-        return Ticket(tokens)
+        return Ticket(tokens, self)
 
     def _retry_headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}

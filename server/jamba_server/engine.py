@@ -99,10 +99,9 @@ class EngineAdapter:
         self.load_tokenizer()
         args = AsyncEngineArgs(**platform_engine_kwargs(self.settings))
         logger.info("starting vLLM %s engine on %s", VLLM_VERSION, self.platform)
-        engine = AsyncLLM.from_engine_args(args)
-        self.max_model_len = engine.model_config.max_model_len
-        self.vocab_size = engine.model_config.get_vocab_size()
-        self.engine = engine  # last: `ready` turns true only with the limits above in place
+        self.engine = AsyncLLM.from_engine_args(args)
+        self.max_model_len = self.engine.model_config.max_model_len
+        self.vocab_size = self.engine.model_config.get_vocab_size()
 
     @property
     def ready(self) -> bool:

@@ -112,7 +112,10 @@ class ServerState:
         """Size admission to the engine, then open for requests. Readiness waits for this, not
         for the adapter alone: a request admitted before the swap would be invisible to the
         running gauge and to the drain."""
+        draining = self.admission.draining  # a SIGTERM may have come while the model loaded
         self.admission = controller_for(self.settings, self.adapter.max_num_seqs)
+        if draining:
+            self.admission.start_draining()
         ADMISSION_LIMIT.labels("running").set(self.admission.max_running)
         ADMISSION_LIMIT.labels("queued").set(self.admission.max_queued)
         self.started = True
@@ -130,6 +133,8 @@ class ServerState:
     def check_ready(self) -> None:
         if self.adapter.dead:
             raise ServiceUnavailableError("The engine has failed; the server is restarting.")
+        if self.start_error is not None:
+            raise ServiceUnavailableError("The engine failed to start; the server is restarting.")
         if not self.started or not self.adapter.ready:
             raise ServiceUnavailableError("The model is still loading; retry shortly.")
         if self.admission.draining:
@@ -188,7 +193,7 @@ class ServerState:
                         metrics.step(step)
                         on_step(step)
             finally:
-                self.admission.release(ticket)
+                ticket.issuer.release(ticket)
 
         await until_disconnect(request, run())
 
@@ -219,7 +224,7 @@ class ServerState:
                 first = await anext(steps, None)
             except BaseException:
                 await steps.aclose()
-                self.admission.release(ticket)
+                ticket.issuer.release(ticket)
                 raise
             if first is not None:
                 metrics.step(first)
@@ -256,7 +261,7 @@ class ServerState:
         def closed() -> None:
             if not completed:
                 ABORTED.labels("client_disconnect").inc()
-            self.admission.release(ticket)
+            ticket.issuer.release(ticket)
 
         return TrackedStreamingResponse(events(), on_close=closed)
 

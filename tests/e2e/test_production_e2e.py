@@ -211,7 +211,7 @@ def test_idle_keep_alive_connection_outlives_uvicorns_default(server):
     have closed it by then, and the reuse would fail with a reset."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         assert _get_health(sock, server.port) == b"HTTP/1.1 200 OK"
-        time.sleep(6.0)
+        time.sleep(7.0)
         assert _get_health(sock, server.port) == b"HTTP/1.1 200 OK"
 
 

@@ -1,5 +1,6 @@
 """The app's startup sequence (engine start, then readiness) with the engine left out."""
 
+import contextlib
 import gc
 import threading
 
@@ -56,23 +57,43 @@ def wait_until(predicate) -> bool:
     return predicate()
 
 
-def test_not_ready_until_admission_is_sized_for_the_engine():
+@contextlib.contextmanager
+def client_with_engine_held():
+    """A running app whose engine is up (`adapter.ready`) while its start call has not returned;
+    setting the yielded event lets the start finish."""
     finish_start = threading.Event()
     adapter = EngineStartOnly(finish_start)
     app = create_app(Settings(model="m"), adapter)
     try:
         with TestClient(app) as client:
-            assert wait_until(lambda: adapter.ready)
-            # The adapter reports ready, but the server has not sized admission to the engine yet:
-            # a request admitted now would be missing from the running gauge and the drain.
-            assert client.get("/ready").status_code == 503
-            chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-            refused = client.post("/v1/chat/completions", json=chat)
-            assert refused.status_code == 503
-            assert "loading" in refused.json()["error"]["message"]
-            finish_start.set()
-            assert wait_until(lambda: client.get("/ready").status_code == 200)
-            assert app.state.server.admission.max_running == adapter.max_num_seqs
+            try:
+                assert wait_until(lambda: adapter.ready)
+                yield client, app.state.server, finish_start
+            finally:
+                finish_start.set()  # before the client's exit waits for the start thread
     finally:
-        finish_start.set()
         gc.unfreeze()
+
+
+def test_not_ready_until_admission_is_sized_for_the_engine():
+    with client_with_engine_held() as (client, state, finish_start):
+        # The adapter reports ready, but the server has not sized admission to the engine yet:
+        # a request admitted now would be missing from the running gauge and the drain.
+        assert client.get("/ready").status_code == 503
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        refused = client.post("/v1/chat/completions", json=chat)
+        assert refused.status_code == 503
+        assert "loading" in refused.json()["error"]["message"]
+        finish_start.set()
+        assert wait_until(lambda: client.get("/ready").status_code == 200)
+        assert state.admission.max_running == EngineStartOnly.max_num_seqs
+
+
+def test_drain_begun_while_loading_survives_the_engine_start():
+    with client_with_engine_held() as (client, state, finish_start):
+        state.admission.start_draining()  # what a SIGTERM during model load does first
+        finish_start.set()
+        assert wait_until(lambda: state.started)
+        refused = client.get("/ready")
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "shutting_down"
