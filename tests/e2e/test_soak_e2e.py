@@ -36,16 +36,33 @@ async def one_stream(client: httpx.AsyncClient) -> None:
     assert sum(1 for c in chunks if c["choices"] and c["choices"][0]["finish_reason"] == "length") == 1
 
 
+def exception_chain(exc: BaseException | None) -> str:
+    """Every exception in a chain, outermost first: a transport error's root (errno) shows in CI's
+    truncated output."""
+    links = []
+    while exc is not None and len(links) < 8:
+        links.append(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc!r}")
+        exc = exc.__cause__ or exc.__context__
+    return " <- ".join(links)
+
+
 async def run_for(base_url: str, seconds: float) -> int:
     done = 0
-    deadline = time.monotonic() + seconds
+    started = time.monotonic()
+    deadline = started + seconds
     limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
     async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as client:
 
         async def worker() -> None:
             nonlocal done
             while time.monotonic() < deadline:
-                await one_stream(client)
+                try:
+                    await one_stream(client)
+                except httpx.TransportError as exc:
+                    raise AssertionError(
+                        f"a stream failed {time.monotonic() - started:.1f}s into the run, after {done} completed: "
+                        f"{exception_chain(exc)}"
+                    ) from exc
                 done += 1
 
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
