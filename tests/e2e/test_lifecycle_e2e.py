@@ -42,6 +42,12 @@ def running(base_url: str) -> float:
     raise AssertionError("no jamba_requests_running")
 
 
+def request_gauges(base_url: str) -> str:
+    """The request and admission gauges, to explain a wrong running count."""
+    lines = httpx.get(base_url + "/metrics").text.splitlines()
+    return "\n".join(l for l in lines if l.startswith(("jamba_requests_", "jamba_admission_limit", "vllm:num_requests_")))
+
+
 def wait_for(predicate, within: float, what: str) -> float:
     start = time.monotonic()
     while time.monotonic() - start < within:
@@ -78,9 +84,7 @@ def test_sigterm_drains_in_flight_streams(dev_model, tmp_path):
                 print(f"curl exit={curl.poll()} output head={out.read_bytes()[:300] if out.exists() else None!r}")
             print(server.log_tail())
             raise
-        gauges = [line for line in httpx.get(server.base_url + "/metrics").text.splitlines()
-                  if line.startswith(("jamba_requests_", "jamba_admission_limit", "vllm:num_requests_"))]  # fmt: skip
-        assert running(server.base_url) == 3, "\n".join(gauges) + "\n" + server.log_tail(20)
+        assert running(server.base_url) == 3, request_gauges(server.base_url) + "\n" + server.log_tail(20)
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: httpx.get(server.base_url + "/ready").status_code == 503, 1.0, "/ready 503")

@@ -3,6 +3,7 @@
 import contextlib
 import gc
 import threading
+import time
 
 from fastapi.testclient import TestClient
 
@@ -32,29 +33,26 @@ class EngineStartOnly:
         pass
 
 
+def wait_until(predicate) -> bool:
+    for _ in range(500):
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
 def test_startup_heap_is_frozen_once_the_engine_is_up():
     gc.unfreeze()
     adapter = EngineStartOnly()
     try:
         with TestClient(create_app(Settings(model="m"), adapter)) as client:
-            for _ in range(200):
-                if client.get("/ready").status_code == 200:
-                    break
-            assert client.get("/ready").status_code == 200
+            assert wait_until(lambda: client.get("/ready").status_code == 200)
             # Nothing frozen before the engine start, the whole heap after it: full collections
             # then skip the startup objects instead of pausing the event loop to walk them.
             assert adapter.frozen_at_start == 0
             assert gc.get_freeze_count() > 1000
     finally:
         gc.unfreeze()
-
-
-def wait_until(predicate) -> bool:
-    for _ in range(500):
-        if predicate():
-            return True
-        threading.Event().wait(0.01)
-    return predicate()
 
 
 @contextlib.contextmanager
