@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -11,9 +12,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +26,33 @@ MODEL_NAME = "jamba-tiny-dev"
 STARTUP_TIMEOUT_S = 240
 # Our JSON lines ("level": "ERROR"), uvicorn's ("ERROR:"), vLLM's ("(EngineCore pid=1) WARNING 11-27 ...").
 NOTABLE_LOG_LINE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback|Error\b")
+
+# A request that must outlast an action (a disconnect, a deadline, SIGTERM, an engine kill) is long
+# by construction, never by the machine's pace: a server with Jamba's whole 256K context and a
+# max_tokens no machine generates within a test (a stream makes ~100 tokens/s here: 40 minutes of
+# generation, where a test acts within a second of seeing the request run). The test always ends
+# such a request itself.
+LONG_CONTEXT_ARGS = ("--max-model-len", "262144")
+LONG_MAX_TOKENS = 250_000
+
+
+def wait_for(predicate: Callable[[], Any], within: float, what: str) -> float:
+    """Poll `predicate` until it is true and return the seconds that took; fail naming `what` after
+    `within` seconds. Tests wait on state with this; `within` bounds a state change that must come,
+    it is not a guess at how fast the machine generates."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > within:
+            pytest.fail(f"{what}: not within {within}s")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def sample(metrics_text: str, name: str) -> float:
+    """The first sample of `name` in a /metrics text, whatever its labels."""
+    match = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", metrics_text, re.M)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
 
 
 def golden_cases() -> list[dict]:
@@ -78,6 +107,47 @@ class ServerProcess:
                 pass
             time.sleep(0.5)
         raise RuntimeError(f"server not ready in {STARTUP_TIMEOUT_S}s:\n{self.log_tail()}")
+
+    def metrics_text(self) -> str:
+        return httpx.get(self.base_url + "/metrics", timeout=30).text
+
+    def metric(self, name: str) -> float:
+        return sample(self.metrics_text(), name)
+
+    def request_gauges(self) -> str:
+        """Our request and admission gauges and vLLM's, to explain a wrong count."""
+        prefixes = ("jamba_requests_", "jamba_admission_limit", "vllm:num_requests_")
+        return "\n".join(line for line in self.metrics_text().splitlines() if line.startswith(prefixes))
+
+    def wait_idle(self, within: float) -> float:
+        """Seconds until no request runs, by our gauge and by vLLM's (the engine has let go of them)."""
+
+        def idle() -> bool:
+            text = self.metrics_text()
+            return sample(text, "jamba_requests_running") == 0 and sample(text, "vllm:num_requests_running") == 0
+
+        return wait_for(idle, within, "requests still running")
+
+    def engine_processes(self) -> list[psutil.Process]:
+        """vLLM's engine core and workers (they name themselves `VLLM::...`)."""
+        found = [p for p in psutil.Process(self.proc.pid).children(recursive=True) if p.name().startswith("VLLM::")]
+        assert found, "no engine processes under the server"
+        return found
+
+    @contextlib.contextmanager
+    def engine_paused(self) -> Iterator[None]:
+        """Stop the engine's processes for the block (SIGSTOP; SIGCONT on the way out, however the
+        block ends): requests admitted meanwhile are in flight and can neither progress nor finish,
+        however fast the machine. The API process keeps serving."""
+        engine = self.engine_processes()
+        for process in engine:
+            process.suspend()
+        try:
+            yield
+        finally:
+            for process in reversed(engine):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.resume()
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -51,7 +51,7 @@ MODEL_CONFIG = dict(
     mamba_d_conv=4,
     mamba_expand=2,
     mamba_dt_rank=8,
-    max_position_embeddings=8192,
+    max_position_embeddings=262144,  # as Jamba 1.5's config: long-request tests need the room
     tie_word_embeddings=False,
 )
 

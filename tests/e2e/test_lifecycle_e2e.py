@@ -1,9 +1,17 @@
-"""Process lifecycle against real server processes: graceful SIGTERM drain, engine death."""
+"""Requests that end before they finish, against real server processes: the client disconnects, the
+deadline passes, SIGTERM drains the server, the engine dies.
+
+Every request that must outlast an action is long by construction (`LONG_MAX_TOKENS` on a server
+with the whole context), or is admitted while the engine is paused; each test waits for the server
+to report the request running before it acts. Nothing here depends on how fast the machine
+generates; the time bounds left are the behaviour under test (abort within a second, fail fast).
+"""
 
 from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -13,152 +21,201 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import MODEL_NAME, start_server
+from tests.conftest import LONG_CONTEXT_ARGS, LONG_MAX_TOKENS, MODEL_NAME, start_server, wait_for
 
-STREAM = {
-    "model": MODEL_NAME, "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 1200,
-    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-}  # fmt: skip
+MESSAGES = [{"role": "user", "content": "Go on."}]
+LONG = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": LONG_MAX_TOKENS, "ignore_eos": True}
+LONG_STREAM = {**LONG, "stream": True, "stream_options": {"include_usage": True}}
+SHORT_TOKENS = 64
+SHORT_STREAM = {**LONG_STREAM, "max_tokens": SHORT_TOKENS}
 
 
-def consume_stream(base_url: str, sink: list, body: dict = STREAM, started: threading.Event | None = None) -> None:
+@pytest.fixture(scope="module")
+def server(dev_model):
+    """Shared by the module's tests; the drain test, last, stops it."""
+    proc = start_server(*LONG_CONTEXT_ARGS, "--drain-timeout", "120", "--log-request-content")
+    yield proc
+    assert proc.stop() == 0, proc.log_tail()
+
+
+def running(server) -> float:
+    return server.metric("jamba_requests_running")
+
+
+# ---- client disconnects and deadlines
+
+
+def test_streaming_disconnect_aborts_within_a_second(server):
+    with httpx.Client(base_url=server.base_url, timeout=60) as client:
+        with client.stream("POST", "/v1/chat/completions", json=LONG_STREAM) as resp:
+            events = (line for line in resp.iter_lines() if line)
+            seen = [next(events) for _ in range(3)]
+            assert all('"content"' in e for e in seen), seen
+            assert running(server) == 1, server.request_gauges()
+        # leaving the block closes the connection with the body unread
+    elapsed = server.wait_idle(within=1.0)
+    print(f"stream abort latency {elapsed:.3f}s")
+
+
+def open_request(server, body: dict) -> socket.socket:
+    """A chat request sent on a fresh connection whose response is never read: closing the socket
+    is the client going away."""
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(head.encode() + payload)
+    return sock
+
+
+def test_non_streaming_disconnect_aborts_within_a_second(server):
+    with open_request(server, LONG):
+        wait_for(lambda: running(server) == 1, 30, "the request running")
+    elapsed = server.wait_idle(within=1.0)
+    print(f"non-stream abort latency {elapsed:.3f}s")
+
+
+def test_deadline_header(server):
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        resp = http.post("/v1/chat/completions", json=LONG, headers={"X-Request-Timeout": "0.3"})
+        assert resp.status_code == 504
+        assert resp.json()["error"]["code"] == "request_timeout"
+        server.wait_idle(within=1.0)
+        with http.stream("POST", "/v1/chat/completions", json=LONG_STREAM, headers={"X-Request-Timeout": "0.5"}) as resp:
+            events = [line for line in resp.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2][6:])["error"]["code"] == "request_timeout"
+        server.wait_idle(within=1.0)
+        bad = http.post("/v1/chat/completions", json={**LONG, "max_tokens": 4}, headers={"X-Request-Timeout": "soon"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Request-Timeout"
+
+
+# ---- SIGTERM
+
+
+def curl_stream(server, body: dict, out: Path, request_id: str) -> subprocess.Popen:
+    """A stream consumed by a separate curl process, so this test process stays free to probe the
+    server while the engine saturates the machine's cores."""
+    return subprocess.Popen(
+        ["curl", "-sN", "--noproxy", "*", "-o", str(out), "-w", "%{http_code}", "-H", "Content-Type: application/json",
+         "-H", f"X-Request-ID: {request_id}", "-d", json.dumps(body), server.base_url + "/v1/chat/completions"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def data_events(out: Path) -> list[str]:
+    text = out.read_text() if out.exists() else ""
+    return [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+
+
+def test_sigterm_drains_in_flight_streams(server, tmp_path):
+    """Last in the module: stops the shared server.
+
+    In flight at SIGTERM: one stream mid-output (long by construction) and three admitted while the
+    engine is paused (so none can have finished, however fast the machine). The drain refuses new
+    work, lets the three run to their end, keeps the long one streaming until its client leaves,
+    then exits 0."""
+    server.wait_idle(within=30)
+    long_out = tmp_path / "long.txt"
+    long_curl = curl_stream(server, LONG_STREAM, long_out, "drain-long")
+    wait_for(lambda: len(data_events(long_out)) >= 2, 60, "the long stream's first chunks")
+    outputs = [tmp_path / f"stream-{i}.txt" for i in range(3)]
+    with server.engine_paused():
+        curls = [curl_stream(server, SHORT_STREAM, out, f"drain-{i}") for i, out in enumerate(outputs)]
+        wait_for(lambda: running(server) == 4, 30, f"4 requests admitted\n{server.request_gauges()}")
+        server.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: httpx.get(server.base_url + "/ready").status_code == 503, 1.0, "/ready 503")
+        refused = httpx.post(server.base_url + "/v1/chat/completions", json={**LONG, "max_tokens": 4})
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "shutting_down"
+        assert httpx.get(server.base_url + "/health").status_code == 200  # alive while draining
+        long_events_at_sigterm = len(data_events(long_out))
+    statuses = [c.communicate(timeout=120)[0] for c in curls]
+    wait_for(lambda: len(data_events(long_out)) > long_events_at_sigterm, 60, "the long stream going on while draining")
+    assert long_curl.poll() is None and server.proc.poll() is None  # the drain waits for the long stream
+    long_curl.kill()  # its client goes away: the last in-flight request ends
+    exit_code = server.proc.wait(60)
+    assert exit_code == 0
+    assert statuses == ["200"] * 3
+    for out in outputs:
+        events = data_events(out)
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[-1]["usage"]["completion_tokens"] == SHORT_TOKENS
+        assert any(c["choices"] and c["choices"][0]["finish_reason"] == "length" for c in chunks)
+    logged = access_log(server)
+    for i in range(3):  # --log-request-content puts prompt and output in the access line
+        line = logged[f"drain-{i}"]
+        assert line["status"] == 200 and line["completion_tokens"] == SHORT_TOKENS and len(line["outputs"]) == 1
+        assert line["prompt"].endswith("<|bom|><|user|> Go on.<|eom|><|bom|><|assistant|>")
+
+
+def access_log(server) -> dict[str, dict]:
+    """The server's access-log lines for chat completions, by request id."""
+    lines = [json.loads(l) for l in server.log_path.read_text().splitlines() if l.startswith("{")]
+    return {l["request_id"]: l for l in lines if l.get("path") == "/v1/chat/completions"}
+
+
+# ---- engine death
+
+
+def engine_core(server) -> psutil.Process:
+    for process in server.engine_processes():
+        if "EngineCore" in process.name() or "EngineCore" in " ".join(process.cmdline()):
+            return process
+    raise AssertionError("no engine core process")
+
+
+def consume_stream(base_url: str, sink: list, body: dict, started: threading.Event) -> None:
     try:
         with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=120) as resp:
             events = []
             for line in resp.iter_lines():
                 if line.startswith("data: "):
                     events.append(line[6:])
-                    if started is not None and len(events) >= 2:
+                    if len(events) >= 2:
                         started.set()
             sink.append((resp.status_code, events))
     except httpx.HTTPError as exc:
         sink.append((None, [repr(exc)]))
 
 
-def running(base_url: str) -> float:
-    for line in httpx.get(base_url + "/metrics").text.splitlines():
-        if line.startswith("jamba_requests_running "):
-            return float(line.split()[1])
-    raise AssertionError("no jamba_requests_running")
-
-
-def request_gauges(base_url: str) -> str:
-    """The request and admission gauges, to explain a wrong running count."""
-    lines = httpx.get(base_url + "/metrics").text.splitlines()
-    return "\n".join(l for l in lines if l.startswith(("jamba_requests_", "jamba_admission_limit", "vllm:num_requests_")))
-
-
-def wait_for(predicate, within: float, what: str) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < within:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.02)
-    pytest.fail(f"{what} not within {within}s")
-
-
-def curl_stream(base_url: str, out: Path) -> subprocess.Popen:
-    """A stream consumed by a separate curl process, so this test process stays free to probe the
-    server while the engine saturates the machine's cores."""
-    return subprocess.Popen(
-        ["curl", "-sN", "--noproxy", "*", "-o", str(out), "-w", "%{http_code}", "-H", "Content-Type: application/json",
-         "-d", json.dumps(STREAM), base_url + "/v1/chat/completions"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
-def streaming(curl: subprocess.Popen, out: Path) -> bool:
-    """The stream has sent its first chunk and is still open."""
-    return curl.poll() is None and out.exists() and out.read_bytes().count(b"data: ") >= 2
-
-
-def test_sigterm_drains_in_flight_streams(dev_model, tmp_path):
-    server = start_server("--drain-timeout", "120", "--log-request-content")
-    try:
-        outputs = [tmp_path / f"stream-{i}.txt" for i in range(3)]
-        curls = [curl_stream(server.base_url, out) for out in outputs]
-        try:
-            wait_for(lambda: all(streaming(c, out) for c, out in zip(curls, outputs)), 60, "3 streams in flight")
-        except BaseException:
-            for curl, out in zip(curls, outputs):
-                print(f"curl exit={curl.poll()} output head={out.read_bytes()[:300] if out.exists() else None!r}")
-            print(server.log_tail())
-            raise
-        assert running(server.base_url) == 3, request_gauges(server.base_url) + "\n" + server.log_tail(20)
-        signalled = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: httpx.get(server.base_url + "/ready").status_code == 503, 1.0, "/ready 503")
-        refused = httpx.post(server.base_url + "/v1/chat/completions", json={**STREAM, "stream": False, "stream_options": None})
-        assert refused.status_code == 503
-        assert refused.json()["error"]["code"] == "shutting_down"
-        assert httpx.get(server.base_url + "/health").status_code == 200  # alive while draining
-        statuses = [c.communicate(timeout=120)[0] for c in curls]
-        exit_code = server.proc.wait(60)
-        drain_s = time.monotonic() - signalled
-    finally:
-        server.stop()
-    assert exit_code == 0
-    assert statuses == ["200"] * 3
-    for out in outputs:
-        events = [line[6:] for line in out.read_text().splitlines() if line.startswith("data: ")]
-        assert events[-1] == "[DONE]"
-        chunks = [json.loads(e) for e in events[:-1]]
-        assert chunks[-1]["usage"]["completion_tokens"] == 1200
-        assert any(c["choices"] and c["choices"][0]["finish_reason"] == "length" for c in chunks)
-    print(f"drain took {drain_s:.2f}s with 3 streams in flight")
-    logged = [json.loads(l) for l in server.log_path.read_text().splitlines() if '"path": "/v1/chat/completions"' in l]
-    streamed = [l for l in logged if l["status"] == 200]
-    assert len(streamed) == 3
-    for line in streamed:  # --log-request-content puts prompt and output in the access line
-        assert line["prompt"].endswith("<|bom|><|user|> Go on.<|eom|><|bom|><|assistant|>")
-        assert line["completion_tokens"] == 1200 and len(line["outputs"]) == 1
-
-
-def engine_core(server) -> psutil.Process:
-    for child in psutil.Process(server.proc.pid).children(recursive=True):
-        if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
-            return child
-    raise AssertionError("no engine core process")
-
-
 def test_engine_death_fails_fast_and_exits_non_zero(dev_model):
-    server = start_server()
+    server = start_server(*LONG_CONTEXT_ARGS)
     try:
-        results: list = []
+        streamed: list = []
         non_stream: list = []
 
         def call():
-            body = {**STREAM, "stream": False, "stream_options": None, "max_tokens": 2000}
-            started = time.monotonic()
-            resp = httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=120)
-            non_stream.append((resp.status_code, resp.json(), time.monotonic() - started))
+            resp = httpx.post(server.base_url + "/v1/chat/completions", json=LONG, timeout=120)
+            non_stream.append((resp.status_code, resp.json()))
 
         streaming = threading.Event()
         threads = [
-            threading.Thread(
-                target=consume_stream, args=(server.base_url, results, {**STREAM, "max_tokens": 2000}, streaming)
-            ),
+            threading.Thread(target=consume_stream, args=(server.base_url, streamed, LONG_STREAM, streaming)),
             threading.Thread(target=call),
         ]
-        for t in threads:
-            t.start()
+        threads[0].start()
         assert streaming.wait(60), "stream did not start"
-        wait_for(lambda: running(server.base_url) == 2, 30, "2 running requests")
+        threads[1].start()
+        wait_for(lambda: running(server) == 2, 30, "2 running requests")
         engine_core(server).kill()
         killed = time.monotonic()
         for t in threads:
             t.join(30)
         ended = time.monotonic() - killed
         wait_for(lambda: httpx.get(server.base_url + "/health").status_code == 503, 2.0, "/health 503")
-        new = httpx.post(server.base_url + "/v1/chat/completions", json={**STREAM, "stream": False, "stream_options": None})
+        new = httpx.post(server.base_url + "/v1/chat/completions", json={**LONG, "max_tokens": 4})
         assert new.status_code == 503
         exit_code = server.proc.wait(30)
     finally:
         server.stop()
     assert exit_code not in (0, None)
-    status, body, _ = non_stream[0]
+    status, body = non_stream[0]
     assert status == 503 and body["error"]["type"] == "service_unavailable"
-    stream_status, events = results[0]
+    stream_status, events = streamed[0]
     assert stream_status == 200 and events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["type"] == "service_unavailable"
     assert ended < 5.0

@@ -1,5 +1,5 @@
-"""Production behaviour against a live server with small limits: admission, disconnects, deadlines,
-limits, auth, fuzzed input."""
+"""Production behaviour against a live server with small limits: admission, limits, auth, keep-alive,
+request ids, logs, fuzzed input. (Disconnects, deadlines and drains: test_lifecycle_e2e.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tests.conftest import MODEL_NAME, start_server
+from tests.conftest import MODEL_NAME, start_server, wait_for
 
 KEY = "test-key-1"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -26,7 +26,6 @@ FLAGS = [
     "--max-tools", "2", "--max-schema-bytes", "512", "--max-documents", "2", "--max-document-chars", "100",
 ]  # fmt: skip
 MSG = [{"role": "user", "content": "Tell me a long story."}]
-LONG = {"model": MODEL_NAME, "messages": MSG, "max_tokens": 200, "extra": None}
 
 
 def chat_body(**fields):
@@ -44,23 +43,6 @@ def server(dev_model):
 def http(server):
     with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=120) as c:
         yield c
-
-
-def metric(http, name: str) -> float:
-    text = http.get("/metrics").text
-    match = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
-
-
-def wait_idle(http, within: float) -> float:
-    """Seconds until both our running gauge and vLLM's are 0; fails after `within`."""
-    start = time.monotonic()
-    while time.monotonic() - start < within:
-        if metric(http, "jamba_requests_running") == 0 and metric(http, "vllm:num_requests_running") == 0:
-            return time.monotonic() - start
-        time.sleep(0.02)
-    pytest.fail(f"requests still running after {within}s")
 
 
 # ---- auth
@@ -121,72 +103,37 @@ def test_body_size_limit_with_and_without_content_length(http):
 
 
 def test_burst_gets_only_200s_and_429s(server):
+    """The burst arrives while the engine is paused, so no admitted request can finish and free a
+    slot before the last one arrives, however fast the machine."""
     burst = 24
-
-    async def one(client, i):
-        body = chat_body(max_tokens=200, ignore_eos=True, temperature=0)
-        return await client.post("/v1/chat/completions", json=body)
+    admitted = SLOTS + QUEUE
 
     async def fire():
         limits = httpx.Limits(max_connections=burst, max_keepalive_connections=burst)
         async with httpx.AsyncClient(base_url=server.base_url, headers=AUTH, timeout=300, limits=limits) as client:
-            return await asyncio.gather(*(one(client, i) for i in range(burst)))
+            body = chat_body(max_tokens=32, ignore_eos=True, temperature=0)
+            with server.engine_paused():
+                requests = [asyncio.create_task(client.post("/v1/chat/completions", json=body)) for _ in range(burst)]
+                while sum(r.done() for r in requests) < burst - admitted:
+                    await asyncio.wait(requests, timeout=0.05)
+                assert server.metric("jamba_requests_running") == SLOTS, server.request_gauges()
+                assert server.metric("jamba_requests_queued") == QUEUE, server.request_gauges()
+            return await asyncio.gather(*requests)
 
     responses = asyncio.run(fire())
     statuses = [r.status_code for r in responses]
     ok = [r for r in responses if r.status_code == 200]
     rejected = [r for r in responses if r.status_code == 429]
     assert len(ok) + len(rejected) == burst, statuses
-    assert len(ok) == SLOTS + QUEUE, statuses  # exactly what the limits admit, not fewer
+    assert len(ok) == admitted, statuses  # exactly what the limits admit, not fewer
     for r in rejected:
         assert r.headers["Retry-After"] == "2"
         assert r.json()["error"]["type"] == "rate_limit_exceeded"
     for r in ok:
         body = r.json()
         assert body["choices"][0]["finish_reason"] == "length"
-        assert body["usage"]["completion_tokens"] == 200
+        assert body["usage"]["completion_tokens"] == 32
     print(f"burst {burst}: {len(ok)} x 200, {len(rejected)} x 429")
-
-
-# ---- client disconnects
-
-
-def test_streaming_disconnect_aborts_within_a_second(server, http):
-    body = chat_body(max_tokens=256, ignore_eos=True, stream=True)
-    with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=60) as client:
-        with client.stream("POST", "/v1/chat/completions", json=body) as resp:
-            events = (line for line in resp.iter_lines() if line)
-            seen = [next(events) for _ in range(3)]
-            assert all('"content"' in e for e in seen), seen
-            assert metric(http, "jamba_requests_running") == 1, seen
-    elapsed = wait_idle(http, within=1.0)
-    print(f"stream abort latency {elapsed:.3f}s")
-
-
-def test_non_streaming_disconnect_aborts_within_a_second(server, http):
-    body = chat_body(max_tokens=256, ignore_eos=True)
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.base_url + "/v1/chat/completions", json=body, headers=AUTH, timeout=0.5)
-    elapsed = wait_idle(http, within=1.0)
-    print(f"non-stream abort latency {elapsed:.3f}s")
-
-
-# ---- deadlines
-
-
-def test_deadline_header(http):
-    body = chat_body(max_tokens=256, ignore_eos=True)
-    resp = http.post("/v1/chat/completions", json=body, headers={"X-Request-Timeout": "0.3"})
-    assert resp.status_code == 504
-    assert resp.json()["error"]["code"] == "request_timeout"
-    wait_idle(http, within=1.0)
-    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}, headers={"X-Request-Timeout": "0.5"}) as resp:
-        events = [line for line in resp.iter_lines() if line.startswith("data: ")]
-    assert events[-1] == "data: [DONE]"
-    assert json.loads(events[-2][6:])["error"]["code"] == "request_timeout"
-    wait_idle(http, within=1.0)
-    bad = http.post("/v1/chat/completions", json=chat_body(), headers={"X-Request-Timeout": "soon"})
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Request-Timeout"
 
 
 def _get_health(sock: socket.socket, port: int) -> bytes:
@@ -224,9 +171,13 @@ def test_request_id_is_echoed_or_generated(http):
 def test_logs_are_json_and_hold_no_content(server, http):
     secret = "zebra-secret-prompt-text"
     http.post("/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": secret}]), headers={"X-Request-ID": "log-check"})
-    time.sleep(0.2)
-    lines = [json.loads(l) for l in server.log_path.read_text().splitlines() if l.startswith("{")]
-    entry = next(l for l in lines if l.get("request_id") == "log-check")
+
+    def entry() -> dict | None:  # the access line is written once the response has gone out
+        lines = [json.loads(l) for l in server.log_path.read_text().splitlines() if l.startswith("{")]
+        return next((l for l in lines if l.get("request_id") == "log-check"), None)
+
+    wait_for(entry, 10, "the access-log line")
+    entry = entry()
     assert entry["status"] == 200 and entry["prompt_tokens"] > 0 and entry["completion_tokens"] == 4
     assert entry["duration_s"] > 0
     assert secret not in server.log_path.read_text()
