@@ -23,7 +23,7 @@ DEV_MODEL = REPO / "models" / "jamba-tiny-dev"
 DEV_CONFIG = REPO / "configs" / "dev-cpu.yaml"
 GOLDEN = REPO.parent / "shared" / "jamba-chat-format" / "template_cases.json"
 MODEL_NAME = "jamba-tiny-dev"
-STARTUP_TIMEOUT_S = 240
+STARTUP_TIMEOUT_S = 600  # a bound on a broken start, not a guess at load time (~45 s here)
 # Our JSON lines ("level": "ERROR"), uvicorn's ("ERROR:"), vLLM's ("(EngineCore pid=1) WARNING 11-27 ...").
 NOTABLE_LOG_LINE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback|Error\b")
 
@@ -36,22 +36,24 @@ LONG_CONTEXT_ARGS = ("--max-model-len", "262144")
 LONG_MAX_TOKENS = 250_000
 
 
-def wait_for(predicate: Callable[[], Any], within: float, what: str) -> float:
-    """Poll `predicate` until it is true and return the seconds that took; fail naming `what` after
-    `within` seconds. Tests wait on state with this; `within` bounds a state change that must come,
-    it is not a guess at how fast the machine generates."""
+def wait_for(predicate: Callable[[], Any], within: float, what: str | Callable[[], str]) -> float:
+    """Poll `predicate` until it is true and return the seconds that took; fail naming `what` (a
+    callable is asked at the failure, for the state then) after `within` seconds. Tests wait on state
+    with this; `within` bounds a state change that must come, not the machine's pace."""
     start = time.monotonic()
     while not predicate():
         if time.monotonic() - start > within:
-            pytest.fail(f"{what}: not within {within}s")
+            pytest.fail(f"{what() if callable(what) else what}: not within {within}s")
         time.sleep(0.02)
     return time.monotonic() - start
 
 
-def sample(metrics_text: str, name: str) -> float:
-    """The first sample of `name` in a /metrics text, whatever its labels."""
-    match = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", metrics_text, re.M)
-    assert match, f"{name} not in /metrics"
+def sample(metrics_text: str, name: str, labels: str | None = None) -> float:
+    """A sample of `name` in a /metrics text: the one with exactly `labels` (`cause="deadline"`),
+    or the first whatever its labels."""
+    label_part = rf"\{{{re.escape(labels)}\}}" if labels else r"(?:\{[^}]*\})?"
+    match = re.search(rf"^{re.escape(name)}{label_part} (\S+)$", metrics_text, re.M)
+    assert match, f"{name}{{{labels or ''}}} not in /metrics"
     return float(match.group(1))
 
 
@@ -111,8 +113,8 @@ class ServerProcess:
     def metrics_text(self) -> str:
         return httpx.get(self.base_url + "/metrics", timeout=30).text
 
-    def metric(self, name: str) -> float:
-        return sample(self.metrics_text(), name)
+    def metric(self, name: str, labels: str | None = None) -> float:
+        return sample(self.metrics_text(), name, labels)
 
     def request_gauges(self) -> str:
         """Our request and admission gauges and vLLM's, to explain a wrong count."""
@@ -139,13 +141,16 @@ class ServerProcess:
         """Stop the engine's processes for the block (SIGSTOP; SIGCONT on the way out, however the
         block ends): requests admitted meanwhile are in flight and can neither progress nor finish,
         however fast the machine. The API process keeps serving."""
-        engine = self.engine_processes()
-        for process in engine:
-            process.suspend()
+        stopped: list[psutil.Process] = []
         try:
+            for process in self.engine_processes():
+                process.suspend()
+                stopped.append(process)
+            for process in stopped:  # SIGSTOP is asynchronous: be sure before the block runs
+                wait_for(lambda: process.status() == psutil.STATUS_STOPPED, 10, f"{process.name()} stopped")
             yield
         finally:
-            for process in reversed(engine):
+            for process in reversed(stopped):
                 with contextlib.suppress(psutil.NoSuchProcess):
                     process.resume()
 

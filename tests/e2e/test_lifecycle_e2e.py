@@ -15,13 +15,14 @@ import socket
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from tests.conftest import LONG_CONTEXT_ARGS, LONG_MAX_TOKENS, MODEL_NAME, start_server, wait_for
+from tests.conftest import LONG_CONTEXT_ARGS, LONG_MAX_TOKENS, MODEL_NAME, sample, start_server, wait_for
 
 MESSAGES = [{"role": "user", "content": "Go on."}]
 LONG = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": LONG_MAX_TOKENS, "ignore_eos": True}
@@ -32,8 +33,10 @@ SHORT_STREAM = {**LONG_STREAM, "max_tokens": SHORT_TOKENS}
 
 @pytest.fixture(scope="module")
 def server(dev_model):
-    """Shared by the module's tests; the drain test, last, stops it."""
+    """Shared by the module's tests; the drain test, last, stops it. Warmed by one request, so no
+    test measures the engine's first step."""
     proc = start_server(*LONG_CONTEXT_ARGS, "--drain-timeout", "120", "--log-request-content")
+    httpx.post(proc.base_url + "/v1/chat/completions", json={**LONG, "max_tokens": 4}, timeout=120).raise_for_status()
     yield proc
     assert proc.stop() == 0, proc.log_tail()
 
@@ -42,18 +45,30 @@ def running(server) -> float:
     return server.metric("jamba_requests_running")
 
 
+def aborted(server, cause: str) -> float:
+    return server.metric("jamba_requests_aborted_total", f'cause="{cause}"')
+
+
+def engine_running(server, count: int) -> bool:
+    """Our gauge and vLLM's both say `count` requests run: the engine has them, not just admission."""
+    text = server.metrics_text()
+    return sample(text, "jamba_requests_running") == count and sample(text, "vllm:num_requests_running") == count
+
+
 # ---- client disconnects and deadlines
 
 
 def test_streaming_disconnect_aborts_within_a_second(server):
+    before = aborted(server, "client_disconnect")
     with httpx.Client(base_url=server.base_url, timeout=60) as client:
         with client.stream("POST", "/v1/chat/completions", json=LONG_STREAM) as resp:
             events = (line for line in resp.iter_lines() if line)
             seen = [next(events) for _ in range(3)]
             assert all('"content"' in e for e in seen), seen
-            assert running(server) == 1, server.request_gauges()
+            wait_for(lambda: engine_running(server, 1), 30, server.request_gauges)
         # leaving the block closes the connection with the body unread
     elapsed = server.wait_idle(within=1.0)
+    assert aborted(server, "client_disconnect") == before + 1
     print(f"stream abort latency {elapsed:.3f}s")
 
 
@@ -71,24 +86,56 @@ def open_request(server, body: dict) -> socket.socket:
 
 
 def test_non_streaming_disconnect_aborts_within_a_second(server):
+    before = aborted(server, "client_disconnect")
     with open_request(server, LONG):
-        wait_for(lambda: running(server) == 1, 30, "the request running")
+        wait_for(lambda: engine_running(server, 1), 30, server.request_gauges)
     elapsed = server.wait_idle(within=1.0)
+    assert aborted(server, "client_disconnect") == before + 1
     print(f"non-stream abort latency {elapsed:.3f}s")
 
 
-def test_deadline_header(server):
-    with httpx.Client(base_url=server.base_url, timeout=60) as http:
-        resp = http.post("/v1/chat/completions", json=LONG, headers={"X-Request-Timeout": "0.3"})
-        assert resp.status_code == 504
-        assert resp.json()["error"]["code"] == "request_timeout"
-        server.wait_idle(within=1.0)
-        with http.stream("POST", "/v1/chat/completions", json=LONG_STREAM, headers={"X-Request-Timeout": "0.5"}) as resp:
-            events = [line for line in resp.iter_lines() if line.startswith("data: ")]
-        assert events[-1] == "data: [DONE]"
-        assert json.loads(events[-2][6:])["error"]["code"] == "request_timeout"
-        server.wait_idle(within=1.0)
-        bad = http.post("/v1/chat/completions", json={**LONG, "max_tokens": 4}, headers={"X-Request-Timeout": "soon"})
+def test_deadline_ends_a_request_with_504(server):
+    before = aborted(server, "deadline")
+    resp = httpx.post(server.base_url + "/v1/chat/completions", json=LONG, headers={"X-Request-Timeout": "0.3"}, timeout=60)
+    assert resp.status_code == 504
+    assert resp.json()["error"]["code"] == "request_timeout"
+    server.wait_idle(within=1.0)
+    assert aborted(server, "deadline") == before + 1
+
+
+def test_deadline_before_a_streams_first_token_is_a_504(server):
+    """The engine is paused, so the deadline passes before any output: an HTTP error, no stream."""
+    before = aborted(server, "deadline")
+    with ThreadPoolExecutor(1) as pool:
+        with server.engine_paused():
+            pending = pool.submit(
+                httpx.post, server.base_url + "/v1/chat/completions", json=LONG_STREAM,
+                headers={"X-Request-Timeout": "0.5"}, timeout=60,
+            )  # fmt: skip
+            wait_for(lambda: aborted(server, "deadline") == before + 1, 30, "the deadline's abort")
+        resp = pending.result()
+    assert resp.status_code == 504, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    assert resp.json()["error"]["code"] == "request_timeout"
+    server.wait_idle(within=1.0)
+
+
+def test_deadline_mid_stream_ends_it_with_an_error_event(server):
+    """The deadline (3 s) only has to come after the first token of a warm server (~0.05 s here)."""
+    with httpx.stream(
+        "POST", server.base_url + "/v1/chat/completions", json=LONG_STREAM, headers={"X-Request-Timeout": "3"}, timeout=60
+    ) as resp:
+        assert resp.status_code == 200, "the stream had not started within its 3 s deadline"
+        events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "request_timeout"
+    assert json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
+    server.wait_idle(within=1.0)
+
+
+def test_deadline_header_must_be_a_positive_number(server):
+    for raw in ("soon", "0", "-1"):
+        bad = httpx.post(server.base_url + "/v1/chat/completions", json={**LONG, "max_tokens": 4}, headers={"X-Request-Timeout": raw})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Request-Timeout"
 
 
@@ -106,8 +153,20 @@ def curl_stream(server, body: dict, out: Path, request_id: str) -> subprocess.Po
 
 
 def data_events(out: Path) -> list[str]:
-    text = out.read_text() if out.exists() else ""
-    return [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    """The complete events a curl has written so far (one still arriving is left out)."""
+    text = out.read_bytes().decode(errors="replace") if out.exists() else ""
+    complete = text[: text.rfind("\n\n") + 1]
+    return [line[6:] for line in complete.splitlines() if line.startswith("data: ")]
+
+
+def content_events(out: Path) -> int:
+    """Content chunks a stream's client has received so far (no error, no usage-only chunk)."""
+    count = 0
+    for event in data_events(out):
+        if event != "[DONE]" and '"error"' not in event:
+            chunk = json.loads(event)
+            count += bool(chunk["choices"] and chunk["choices"][0]["delta"].get("content"))
+    return count
 
 
 def test_sigterm_drains_in_flight_streams(server, tmp_path):
@@ -115,28 +174,38 @@ def test_sigterm_drains_in_flight_streams(server, tmp_path):
 
     In flight at SIGTERM: one stream mid-output (long by construction) and three admitted while the
     engine is paused (so none can have finished, however fast the machine). The drain refuses new
-    work, lets the three run to their end, keeps the long one streaming until its client leaves,
-    then exits 0."""
+    work, lets the three run to their end and keeps the long one streaming, still draining, until its
+    client leaves; then the process exits 0."""
     server.wait_idle(within=30)
     long_out = tmp_path / "long.txt"
-    long_curl = curl_stream(server, LONG_STREAM, long_out, "drain-long")
-    wait_for(lambda: len(data_events(long_out)) >= 2, 60, "the long stream's first chunks")
     outputs = [tmp_path / f"stream-{i}.txt" for i in range(3)]
-    with server.engine_paused():
-        curls = [curl_stream(server, SHORT_STREAM, out, f"drain-{i}") for i, out in enumerate(outputs)]
-        wait_for(lambda: running(server) == 4, 30, f"4 requests admitted\n{server.request_gauges()}")
-        server.proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: httpx.get(server.base_url + "/ready").status_code == 503, 1.0, "/ready 503")
-        refused = httpx.post(server.base_url + "/v1/chat/completions", json={**LONG, "max_tokens": 4})
-        assert refused.status_code == 503
-        assert refused.json()["error"]["code"] == "shutting_down"
-        assert httpx.get(server.base_url + "/health").status_code == 200  # alive while draining
-        long_events_at_sigterm = len(data_events(long_out))
-    statuses = [c.communicate(timeout=120)[0] for c in curls]
-    wait_for(lambda: len(data_events(long_out)) > long_events_at_sigterm, 60, "the long stream going on while draining")
-    assert long_curl.poll() is None and server.proc.poll() is None  # the drain waits for the long stream
-    long_curl.kill()  # its client goes away: the last in-flight request ends
-    exit_code = server.proc.wait(60)
+    curls = []
+    try:
+        curls.append(long_curl := curl_stream(server, LONG_STREAM, long_out, "drain-long"))
+        wait_for(lambda: content_events(long_out) >= 2, 60, "the long stream's first chunks")
+        with server.engine_paused():
+            curls += [curl_stream(server, SHORT_STREAM, out, f"drain-{i}") for i, out in enumerate(outputs)]
+            wait_for(lambda: running(server) == 4, 30, lambda: f"4 requests admitted\n{server.request_gauges()}")
+            server.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: httpx.get(server.base_url + "/ready").status_code == 503, 1.0, "/ready 503")
+            refused = httpx.post(server.base_url + "/v1/chat/completions", json={**LONG, "max_tokens": 4})
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "shutting_down"
+        statuses = [c.communicate(timeout=120)[0] for c in curls[1:]]
+        # The long stream is still generating, and the server still draining (not shutting down).
+        streamed = content_events(long_out)
+        wait_for(lambda: content_events(long_out) >= streamed + 5, 60, "the long stream going on while draining")
+        assert long_curl.poll() is None
+        assert httpx.get(server.base_url + "/health").status_code == 200
+        assert httpx.get(server.base_url + "/ready").status_code == 503
+        assert running(server) == 1, server.request_gauges()
+        assert '"drained"' not in server.log_path.read_text()
+        long_curl.kill()  # its client goes away: the last in-flight request ends
+        exit_code = server.proc.wait(60)
+    finally:
+        for curl in curls:
+            if curl.poll() is None:
+                curl.kill()
     assert exit_code == 0
     assert statuses == ["200"] * 3
     for out in outputs:
@@ -177,9 +246,9 @@ def consume_stream(base_url: str, sink: list, body: dict, started: threading.Eve
                     events.append(line[6:])
                     if len(events) >= 2:
                         started.set()
-            sink.append((resp.status_code, events))
+            sink.append((resp.status_code, events, time.monotonic()))
     except httpx.HTTPError as exc:
-        sink.append((None, [repr(exc)]))
+        sink.append((None, [repr(exc)], time.monotonic()))
 
 
 def test_engine_death_fails_fast_and_exits_non_zero(dev_model):
@@ -190,7 +259,7 @@ def test_engine_death_fails_fast_and_exits_non_zero(dev_model):
 
         def call():
             resp = httpx.post(server.base_url + "/v1/chat/completions", json=LONG, timeout=120)
-            non_stream.append((resp.status_code, resp.json()))
+            non_stream.append((resp.status_code, resp.json(), time.monotonic()))
 
         streaming = threading.Event()
         threads = [
@@ -200,23 +269,24 @@ def test_engine_death_fails_fast_and_exits_non_zero(dev_model):
         threads[0].start()
         assert streaming.wait(60), "stream did not start"
         threads[1].start()
-        wait_for(lambda: running(server) == 2, 30, "2 running requests")
+        wait_for(lambda: engine_running(server, 2), 30, server.request_gauges)
         engine_core(server).kill()
         killed = time.monotonic()
-        for t in threads:
-            t.join(30)
-        ended = time.monotonic() - killed
+        # Probed before the requests end: the process exits about 2 s after the engine's death.
         wait_for(lambda: httpx.get(server.base_url + "/health").status_code == 503, 2.0, "/health 503")
         new = httpx.post(server.base_url + "/v1/chat/completions", json={**LONG, "max_tokens": 4})
         assert new.status_code == 503
+        for t in threads:
+            t.join(30)
         exit_code = server.proc.wait(30)
     finally:
         server.stop()
     assert exit_code not in (0, None)
-    status, body = non_stream[0]
+    status, body, non_stream_ended = non_stream[0]
     assert status == 503 and body["error"]["type"] == "service_unavailable"
-    stream_status, events = streamed[0]
+    stream_status, events, stream_ended = streamed[0]
     assert stream_status == 200 and events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["type"] == "service_unavailable"
+    ended = max(non_stream_ended, stream_ended) - killed
     assert ended < 5.0
     print(f"in-flight requests failed {ended:.2f}s after the engine died; exit code {exit_code}")

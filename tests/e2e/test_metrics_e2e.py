@@ -12,7 +12,7 @@ import openai
 import pytest
 import yaml
 
-from tests.conftest import MODEL_NAME, REPO, _free_port, start_server
+from tests.conftest import MODEL_NAME, REPO, _free_port, start_server, wait_for
 from tests.deploy.test_prometheus_rules import RULES, dashboard_exprs
 
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
@@ -157,9 +157,12 @@ def test_features_finish_reasons_and_jamba_semantics(prometheus, traffic):
 
 
 def test_rules_load_and_evaluate_in_prometheus(prometheus, traffic):
-    groups = httpx.get(prometheus + "/rules").json()["data"]["groups"]
-    rules = [r for g in groups for r in g["rules"]]
-    assert len(rules) == 14 and all(r["health"] == "ok" for r in rules), rules
+    def rules() -> list[dict]:
+        return [r for g in httpx.get(prometheus + "/rules").json()["data"]["groups"] for r in g["rules"]]
+
+    # "unknown" until a rule's first evaluation; then every one must be "ok"
+    wait_for(lambda: all(r["health"] != "unknown" for r in rules()), 20, "the rules' first evaluation")
+    assert len(rules()) == 14 and all(r["health"] == "ok" for r in rules()), rules()
     eventually_equal(prometheus, "count(jamba:queue_saturation)", 1)
 
 

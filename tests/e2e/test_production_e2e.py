@@ -21,7 +21,7 @@ SLOTS, QUEUE = 4, 4
 FLAGS = [
     "--max-num-seqs", str(SLOTS), "--max-concurrent-requests", str(SLOTS), "--max-queued-requests", str(QUEUE),
     "--api-key", KEY, "--api-key", "test-key-2", "--retry-after-seconds", "2",
-    "--max-tokens-limit", "256", "--request-timeout", "30", "--max-body-bytes", "65536",
+    "--max-tokens-limit", "256", "--max-body-bytes", "65536",
     "--max-messages", "8", "--max-n", "2", "--max-stop-sequences", "2", "--max-stop-length", "10",
     "--max-tools", "2", "--max-schema-bytes", "512", "--max-documents", "2", "--max-document-chars", "100",
 ]  # fmt: skip
@@ -173,8 +173,10 @@ def test_logs_are_json_and_hold_no_content(server, http):
     http.post("/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": secret}]), headers={"X-Request-ID": "log-check"})
 
     def entry() -> dict | None:  # the access line is written once the response has gone out
-        lines = [json.loads(l) for l in server.log_path.read_text().splitlines() if l.startswith("{")]
-        return next((l for l in lines if l.get("request_id") == "log-check"), None)
+        for line in server.log_path.read_text().splitlines(keepends=True):
+            if line.startswith("{") and line.endswith("\n") and '"log-check"' in line:
+                return json.loads(line)
+        return None
 
     wait_for(entry, 10, "the access-log line")
     entry = entry()

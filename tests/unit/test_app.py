@@ -33,8 +33,9 @@ class EngineStartOnly:
         pass
 
 
-def wait_until(predicate) -> bool:
-    for _ in range(500):
+def wait_until(predicate, within: float = 60.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
         if predicate():
             return True
         time.sleep(0.01)
