@@ -20,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jamba-server: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    # Preset environment (e.g. VLLM_FUSED_MOE_CHUNK_SIZE) must be in place before vLLM is imported;
+    # Preset environment (e.g. VLLM_CPU_KVCACHE_SPACE) must be in place before vLLM is imported;
     # a variable already set in the real environment wins.
     for name, value in settings.env.items():
         os.environ.setdefault(name, value)

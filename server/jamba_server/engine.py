@@ -21,6 +21,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
@@ -41,6 +42,11 @@ logger = logging.getLogger(__name__)
 VLLM_VERSION = vllm.__version__
 STOP_TOKENS = ("<|eom|>", "<|endoftext|>")
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
+# The engine is built as `vllm serve` builds its own: the usage context picks the scheduler's batch
+# defaults (vllm/engine/arg_utils.py, `get_batch_defaults`). `AsyncLLM.from_engine_args` defaults to
+# ENGINE_CONTEXT, which on an H100 gives max_num_seqs 128 and max_num_batched_tokens 2048 where
+# `vllm serve` gets 1024 and 8192: same flags, a fraction of the batch.
+USAGE_CONTEXT = UsageContext.OPENAI_API_SERVER
 
 
 def _cpu_thread_binding(world_size: int) -> str:
@@ -99,7 +105,7 @@ class EngineAdapter:
         self.load_tokenizer()
         args = AsyncEngineArgs(**platform_engine_kwargs(self.settings))
         logger.info("starting vLLM %s engine on %s", VLLM_VERSION, self.platform)
-        self.engine = AsyncLLM.from_engine_args(args)
+        self.engine = AsyncLLM.from_engine_args(args, usage_context=USAGE_CONTEXT)
         self.max_model_len = self.engine.model_config.max_model_len
         self.vocab_size = self.engine.model_config.get_vocab_size()
 

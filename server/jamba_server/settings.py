@@ -35,6 +35,7 @@ class Settings(BaseModel):
     max_model_len: int | None = Field(None, ge=16)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     max_num_seqs: int | None = Field(None, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=1)
     enforce_eager: bool = False
     trust_remote_code: bool = False
     enable_prefix_caching: bool | None = None
@@ -99,6 +100,7 @@ class Settings(BaseModel):
             "quantization": self.quantization,
             "max_model_len": self.max_model_len,
             "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
             "enable_prefix_caching": self.enable_prefix_caching,
             "seed": self.seed,
         }
@@ -131,6 +133,7 @@ _SCALAR_FIELDS: dict[str, Any] = {
     "max_model_len": int,
     "gpu_memory_utilization": float,
     "max_num_seqs": int,
+    "max_num_batched_tokens": int,
     "enforce_eager": bool,
     "trust_remote_code": bool,
     "enable_prefix_caching": bool,

@@ -1,5 +1,7 @@
 """Settings → the kwargs the adapter hands vLLM on this (CPU) platform."""
 
+import copy
+import dataclasses
 import os
 from pathlib import Path
 
@@ -45,3 +47,127 @@ def test_thread_binding_splits_cores(monkeypatch):
     assert _cpu_thread_binding(2) == "0,1|2,3"
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1})
     assert _cpu_thread_binding(2) == "0|1"
+
+
+# ---- the same engine as `vllm serve`, on the GPUs the presets are for (faked: no GPU here)
+
+GPUS = {  # what NVML reports: total memory, device name
+    "H100-80GB": (81_559 * 2**20, "NVIDIA H100 80GB HBM3"),
+    "H200": (143_771 * 2**20, "NVIDIA H200"),
+    "A100-80GB": (81_920 * 2**20, "NVIDIA A100-SXM4-80GB"),
+}
+GPU_PRESETS = sorted(p.stem for p in CONFIGS.glob("jamba-1.5-*.yaml"))
+FLAGS_ONLY = ["--model", "ai21labs/AI21-Jamba-1.5-Mini", "--tensor-parallel-size", "2"]
+# Set on purpose (see engine.py): grammar-constrained JSON without free whitespace.
+DELIBERATE = {"structured_outputs_config"}
+# vLLM's CLI default and dataclass default differ for this multimodal-only field (None vs True).
+NOT_FOR_TEXT_MODELS = {"mm_device_do_normalize"}
+
+
+def vllm_serve_args(argv: list[str]):
+    """What `vllm serve ARGV` hands its engine; built on the (faked) platform, whose defaults its
+    parser reads."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return AsyncEngineArgs.from_cli_args(make_arg_parser(FlexibleArgumentParser()).parse_args(argv))
+
+
+def fake_gpu(monkeypatch, gpu: str) -> None:
+    from vllm.platforms import current_platform
+
+    memory, name = GPUS[gpu]
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+    monkeypatch.setattr(current_platform, "is_tpu", lambda: False)
+    monkeypatch.setattr(current_platform, "get_device_total_memory", lambda device_id=0: memory)
+    monkeypatch.setattr(current_platform, "get_device_name", lambda device_id=0: name)
+
+
+def serve_flags(kwargs: dict) -> list[str]:
+    """The `vllm serve` flags that say what `kwargs` say."""
+    flags = []
+    for key, value in kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif key not in DELIBERATE:
+            flags += [flag, str(value)]
+    return flags
+
+
+def with_batch_defaults(args, usage_context):
+    """`args` after vLLM's scheduler defaults for `usage_context` on the current platform (the step
+    of `create_engine_config` that reads the device; chunked prefill is on for hybrid models)."""
+    from types import SimpleNamespace
+
+    args = copy.deepcopy(args)
+    if args.enable_chunked_prefill is None:
+        args.enable_chunked_prefill = True
+    model = SimpleNamespace(max_model_len=args.max_model_len or 262_144, is_multimodal_model=False, is_mm_prefix_lm=False)
+    args._set_default_max_num_seqs_and_batched_tokens_args(usage_context, model, SimpleNamespace(use_batched_dp_moe=False))
+    return args
+
+
+def _same(value):
+    """CLI and dataclass spellings of one setting: ["name"] is "name"; None, False, "" are unset."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    return None if value in (None, False, "", []) else value
+
+
+@pytest.mark.parametrize("gpu", sorted(GPUS))
+@pytest.mark.parametrize("preset", [*GPU_PRESETS, "flags only"])
+def test_engine_args_equal_what_vllm_serve_derives(monkeypatch, preset, gpu):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    from jamba_server.engine import USAGE_CONTEXT
+
+    argv = FLAGS_ONLY if preset == "flags only" else ["--config", str(CONFIGS / f"{preset}.yaml")]
+    fake_gpu(monkeypatch, gpu)
+    kwargs = platform_engine_kwargs(load_settings(argv, environ={}))
+    ours = with_batch_defaults(AsyncEngineArgs(**kwargs), USAGE_CONTEXT)
+    serve = with_batch_defaults(vllm_serve_args(serve_flags(kwargs)), UsageContext.OPENAI_API_SERVER)
+    differ = {
+        f.name: (getattr(ours, f.name), getattr(serve, f.name))
+        for f in dataclasses.fields(AsyncEngineArgs)
+        if f.name not in DELIBERATE | NOT_FOR_TEXT_MODELS and _same(getattr(ours, f.name)) != _same(getattr(serve, f.name))
+    }
+    assert differ == {}
+    assert ours.max_num_seqs >= 256 and ours.max_num_batched_tokens >= 2048  # never the library's 128
+
+
+def test_usage_context_is_what_sizes_the_batch(monkeypatch):
+    """The check above can fail: with AsyncLLM.from_engine_args' default context, an H100 gets an
+    eighth of `vllm serve`'s batch."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    fake_gpu(monkeypatch, "H100-80GB")
+    args = AsyncEngineArgs(**platform_engine_kwargs(load_settings(FLAGS_ONLY, environ={})))
+    serve = with_batch_defaults(args, UsageContext.OPENAI_API_SERVER)
+    library = with_batch_defaults(args, UsageContext.ENGINE_CONTEXT)
+    assert (serve.max_num_seqs, serve.max_num_batched_tokens) == (1024, 8192)
+    assert (library.max_num_seqs, library.max_num_batched_tokens) == (128, 2048)
+
+
+def test_the_adapter_builds_the_engine_in_that_context(monkeypatch):
+    from vllm.usage.usage_lib import UsageContext
+
+    from jamba_server import engine
+
+    seen = {}
+
+    class FakeAsyncLLM:
+        @staticmethod
+        def from_engine_args(args, usage_context=None):
+            seen["usage_context"] = usage_context
+            raise RuntimeError("built")
+
+    monkeypatch.setattr(engine, "AsyncLLM", FakeAsyncLLM)
+    dev_model = CONFIGS.parent / "models" / "jamba-tiny-dev"
+    adapter = engine.EngineAdapter(load_settings(["--config", str(CONFIGS / "dev-cpu.yaml"), "--model", str(dev_model)], environ={}))
+    with pytest.raises(RuntimeError, match="built"):
+        adapter.start()
+    assert seen["usage_context"] is engine.USAGE_CONTEXT is UsageContext.OPENAI_API_SERVER

@@ -31,7 +31,7 @@ def test_dev_preset_engine_args():
             1,
             "experts_int8",
             102400,
-            {"VLLM_FUSED_MOE_CHUNK_SIZE": "32768"},
+            {},
         ),
         ("jamba-1.5-large-int8-tp8.yaml", "ai21labs/AI21-Jamba-1.5-Large", 8, "experts_int8", 262144, {}),
     ],
