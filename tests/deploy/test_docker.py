@@ -108,7 +108,8 @@ def test_runtime_stage_conventions(dockerfile):
     assert last(stage, "WORKDIR") == "/app"
     assert last(stage, "USER") == "1000:1000"
     assert last(stage, "EXPOSE") == "8000"
-    assert exec_form(last(stage, "ENTRYPOINT")) == ["/app/docker/entrypoint.sh"]
+    init = ["/usr/bin/tini", "--"] if dockerfile == GPU_DOCKERFILE else []  # the CPU image runs no Ray
+    assert exec_form(last(stage, "ENTRYPOINT")) == [*init, "/app/docker/entrypoint.sh"]
     assert exec_form(last(stage, "CMD")) == []
     variables = env(stage)
     assert variables["JAMBA_HOST"] == "0.0.0.0" and variables["JAMBA_PORT"] == "8000"
@@ -140,6 +141,15 @@ def test_gpu_image_cuda_python_cache_and_pins():
     assert re.search(r"^ray==[\d.]+$", constraints, re.M)
     installs = [a for kw, a in items if kw == "RUN" and "pip install" in a and ".[gpu]" in a]
     assert installs and "--constraint constraints-gpu.txt" in installs[0]
+
+
+def test_gpu_runtime_has_an_init_rdma_libraries_and_cuda_compat():
+    stage = final_stage(GPU_DOCKERFILE)
+    runs = " ".join(args for keyword, args in stage if keyword == "RUN")
+    for package in ("tini", "libibverbs1", "ibverbs-providers"):
+        assert re.search(rf"apt-get install .*\b{package}\b", runs), package
+    cuda = re.match(r"nvidia/cuda:(\d+\.\d+)", instructions(GPU_DOCKERFILE)[0][1]).group(1)
+    assert f"ldconfig /usr/local/cuda-{cuda}/compat/" in runs
 
 
 def test_gpu_extra_is_vllm_and_ray_wheels_only():

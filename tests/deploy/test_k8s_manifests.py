@@ -43,6 +43,14 @@ HF_HOME = "/models/hf"
 UID = 1000
 SERVER = "jamba-server"  # name of the server's container
 RAY_PORT = 6379
+INIT = ["/usr/bin/tini", "--"]  # the image's PID 1; a container `command` must keep it
+# Nodes a GPU pod may land on (NVIDIA GPU Feature Discovery labels): a driver for CUDA 13.0 (R580+),
+# compute capability 8 or newer, and the 80 GB per GPU every preset is sized for (MiB).
+DRIVER_LABELS = ("nvidia.com/cuda.driver-version.major", "nvidia.com/cuda.driver.major")
+MIN_DRIVER_MAJOR = 580
+MIN_COMPUTE_MAJOR = 8
+MIN_GPU_MEMORY_MIB = 79_000
+HPA_MAX_STABILIZATION_S = 3600  # autoscaling/v2's limit on behavior.*.stabilizationWindowSeconds
 # Startup probe budget: download + load of ~104 GB (Mini) or ~800 GB (Large) of BF16 weights.
 MIN_STARTUP_S = {"ai21labs/AI21-Jamba-1.5-Mini": 30 * 60, "ai21labs/AI21-Jamba-1.5-Large": 60 * 60}
 # Settings a manifest must not change relative to its preset (through env or flags).
@@ -188,6 +196,8 @@ def server_argv(container: dict[str, Any]) -> list[str]:
     command = container.get("command")
     if command is None:
         return [word.format(preset=preset) for word in ENTRYPOINT] + args
+    if command[: len(INIT)] == INIT:
+        command = command[len(INIT) :]
     if command[:2] != ["/bin/sh", "-c"] or "exec jamba-server " not in command[2]:
         raise ValueError(f"{container['name']}: the command does not exec jamba-server: {command}")
     tail = command[2].split("exec jamba-server ", 1)[1].replace("${JAMBA_PRESET}", preset)
@@ -227,7 +237,7 @@ def _problems(target: str, docs: list[dict[str, Any]]) -> list[str]:
     kinds = [d["kind"] for d in docs]
     workloads = [d for d in docs if d["kind"] in ("Deployment", "LeaderWorkerSet")]
     check(len(workloads) == 1, f"expected one Deployment or LeaderWorkerSet, got {kinds}")
-    for kind in ("Service", "ServiceMonitor", "PodDisruptionBudget", "ScaledObject", "PersistentVolumeClaim"):
+    for kind in ("Service", "ServiceMonitor", "PodDisruptionBudget", "ScaledObject", "PersistentVolumeClaim", "Job"):
         check(kinds.count(kind) == 1, f"expected one {kind}, got {kinds.count(kind)}")
     check("Secret" not in kinds, "a Secret in the manifests: reference the HF token, do not ship it")
     if out:
@@ -320,15 +330,42 @@ def _problems(target: str, docs: list[dict[str, Any]]) -> list[str]:
         token = _env(main).get("HF_TOKEN", {})
         check("secretKeyRef" in token.get("valueFrom", {}) and "value" not in token,
               f"{role}: HF_TOKEN is not a secretKeyRef")  # fmt: skip
+        check(_plain_env(main).get("HF_HUB_OFFLINE") == "1", f"{role}: HF_HUB_OFFLINE is not 1 (the seed Job fills the cache)")
+        compile_cache = _plain_env(main).get("VLLM_CACHE_ROOT", "")
+        under = [volume for path, volume in mounts.items() if compile_cache.startswith(path.rstrip("/") + "/")]
+        check(bool(under) and "emptyDir" in under[0],
+              f"{role}: VLLM_CACHE_ROOT {compile_cache!r} is not on a per-pod emptyDir")  # fmt: skip
+        check(_schedules_on_capable_nodes(spec), f"{role}: nodes are not required to have a CUDA 13.0 driver "
+              f"(R{MIN_DRIVER_MAJOR}+), compute {MIN_COMPUTE_MAJOR}+ and {MIN_GPU_MEMORY_MIB} MiB GPUs")  # fmt: skip
+
+    # The seed Job fills the same cache, as the servers' user, with what the servers load.
+    seed = one["Job"]["spec"]["template"]
+    seed_main = seed["spec"]["containers"][0]
+    seed_mounts = {m["mountPath"]: m["name"] for m in seed_main.get("volumeMounts", [])}
+    seed_volumes = {v["name"]: v for v in seed["spec"].get("volumes", [])}
+    seed_claim = seed_volumes.get(seed_mounts.get(CACHE), {}).get("persistentVolumeClaim", {}).get("claimName")
+    check(seed_claim in pvcs, f"the seed Job does not mount this directory's PVC at {CACHE} ({seed_claim})")
+    check(_plain_env(seed_main).get("HF_HOME") == HF_HOME, "the seed Job's HF_HOME is not the servers'")
+    check(seed_main.get("command", [])[:2] == ["hf", "download"] and eff.model in seed_main["command"],
+          f"the seed Job does not download {eff.model}: {seed_main.get('command')}")  # fmt: skip
+    check(seed["spec"].get("securityContext", {}).get("runAsUser") == UID
+          and seed_main.get("securityContext", {}).get("runAsUser", UID) == UID,
+          f"the seed Job does not download as uid {UID}")  # fmt: skip
+    chown = [c for c in seed["spec"].get("initContainers", []) if "chown" in " ".join(c.get("command", []))]
+    check(bool(chown) and "CHOWN" in chown[0].get("securityContext", {}).get("capabilities", {}).get("add", []),
+          f"the seed Job does not chown the cache to uid {UID} first (fsGroup is ignored by many NFS drivers)")  # fmt: skip
+    for c in seed["spec"].get("initContainers", []) + seed["spec"]["containers"]:
+        check(c.get("image") == IMAGE, f"seed/{c['name']}: image {c.get('image')} is not {IMAGE}")
 
     # Multi-node: Ray head on the leader before the server, workers join it and outlive the drain.
     if lws:
-        script = server["command"][2]
+        check(server["command"][: len(INIT)] == INIT, f"the leader's PID 1 is not tini: {server['command'][:2]}")
+        script = server["command"][server["command"].index("-c") + 1]
         check(f"ray start --head --port={RAY_PORT}" in script.split("exec jamba-server")[0],
               "the leader does not start the Ray head before the server")  # fmt: skip
         worker = _container(pods["worker"])
-        check(worker["command"] == ["ray", "start", f"--address=$(LWS_LEADER_ADDRESS):{RAY_PORT}", "--block"],
-              f"the worker does not join the leader's Ray head: {worker['command']}")  # fmt: skip
+        check(worker["command"] == [*INIT, "ray", "start", f"--address=$(LWS_LEADER_ADDRESS):{RAY_PORT}", "--block"],
+              f"the worker does not join the leader's Ray head under tini: {worker['command']}")  # fmt: skip
         check(
             group.get("restartPolicy") == "RecreateGroupOnPodRestart", "restartPolicy is not RecreateGroupOnPodRestart"
         )
@@ -357,6 +394,23 @@ def _problems(target: str, docs: list[dict[str, Any]]) -> list[str]:
     pdb_selector = _match_labels(pdb["spec"]["selector"])
     for role, pod in pods.items():
         check(_labels_match(pdb_selector, pod["metadata"]["labels"]), f"the PodDisruptionBudget misses the {role} pods")
+    seed_labels = seed["metadata"]["labels"]
+    check(not _labels_match(selector, seed_labels) and not _labels_match(pdb_selector, seed_labels),
+          "the Service or PodDisruptionBudget selects the seed Job's pod")  # fmt: skip
+
+    # Rollouts bring a new replica up before taking an old one down.
+    if lws:
+        rolling = workload["spec"].get("rolloutStrategy", {}).get("rollingUpdateConfiguration", {})
+    else:
+        rolling = workload["spec"].get("strategy", {}).get("rollingUpdate", {})
+    check(rolling.get("maxSurge", 0) >= 1 and rolling.get("maxUnavailable", 1) == 0,
+          f"the rollout is not surge-first (maxSurge >= 1, maxUnavailable 0): {rolling}")  # fmt: skip
+
+    # Multi-node: only the deployment's own pods reach Ray; others reach the HTTP port alone.
+    if lws:
+        policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+        check(any(_guards_ray(policy, pods) for policy in policies),
+              "no NetworkPolicy keeps Ray's ports to the deployment's own pods")  # fmt: skip
 
     # Autoscaling on queue depth.
     scaled = one["ScaledObject"]["spec"]
@@ -367,7 +421,12 @@ def _problems(target: str, docs: list[dict[str, Any]]) -> list[str]:
     if lws:
         crd = CRDS[(workload["apiVersion"], workload["kind"])]
         check("scale" in crd.get("subresources", {}), "the LeaderWorkerSet CRD has no scale subresource")
-    check(scaled.get("minReplicaCount", 0) >= 1, "minReplicaCount below 1: a cold start takes many minutes")
+    check(scaled.get("minReplicaCount", 0) >= 2,
+          "minReplicaCount below 2: with one replica, a node drain or a restart is an outage")  # fmt: skip
+    scale_down = scaled.get("advanced", {}).get("horizontalPodAutoscalerConfig", {}).get("behavior", {}).get("scaleDown", {})
+    check(scale_down.get("stabilizationWindowSeconds", 300) >= min(budget, HPA_MAX_STABILIZATION_S),
+          f"scale-down stabilizationWindowSeconds {scale_down.get('stabilizationWindowSeconds', 300)} is shorter than "
+          f"a replica's load ({budget}s): a lull tears down what takes that long to bring back")  # fmt: skip
     queries = [t["metadata"].get("query", "") for t in scaled["triggers"] if t["type"] == "prometheus"]
     check(bool(queries), "the ScaledObject has no prometheus trigger")
     known = exported_metric_names()
@@ -375,7 +434,57 @@ def _problems(target: str, docs: list[dict[str, Any]]) -> list[str]:
         used = set(re.findall(r"\bjamba_[A-Za-z0-9_:]*", query))
         check(bool(used) and used <= known, f"query {query!r} uses no metric or an unknown one: {sorted(used - known)}")
         check(f'service="{service["metadata"]["name"]}"' in query, f"query {query!r} does not select this Service")
+    check(any(f'vllm:num_requests_waiting{{service="{service["metadata"]["name"]}"}}' in q for q in queries),
+          "no trigger counts vllm:num_requests_waiting (requests waiting inside vLLM for cache space)")  # fmt: skip
     return out
+
+
+def _at_least(expression: dict[str, Any], minimum: int) -> bool:
+    """A node selector requirement that only admits integer labels >= minimum."""
+    values = expression.get("values", [])
+    try:
+        if expression.get("operator") == "Gt":
+            return len(values) == 1 and int(values[0]) >= minimum - 1
+        if expression.get("operator") == "In":
+            return bool(values) and all(int(v) >= minimum for v in values)
+    except ValueError:
+        return False
+    return False
+
+
+def _schedules_on_capable_nodes(spec: dict[str, Any]) -> bool:
+    """Every required node selector term demands the driver, compute capability and GPU memory."""
+    required = spec.get("affinity", {}).get("nodeAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution", {})
+    terms = required.get("nodeSelectorTerms", [])
+
+    def capable(term: dict[str, Any]) -> bool:
+        by_key = {e["key"]: e for e in term.get("matchExpressions", [])}
+        return (
+            any(_at_least(by_key.get(label, {}), MIN_DRIVER_MAJOR) for label in DRIVER_LABELS)
+            and _at_least(by_key.get("nvidia.com/gpu.compute.major", {}), MIN_COMPUTE_MAJOR)
+            and _at_least(by_key.get("nvidia.com/gpu.memory", {}), MIN_GPU_MEMORY_MIB)
+        )
+
+    return bool(terms) and all(capable(term) for term in terms)
+
+
+def _guards_ray(policy: dict[str, Any], pods: dict[str, Any]) -> bool:
+    """The policy selects every pod of the deployment and lets in, from elsewhere, only port 8000."""
+    spec = policy["spec"]
+    own = _match_labels(spec.get("podSelector", {}))
+    if not all(_labels_match(own, pod["metadata"]["labels"]) for pod in pods.values()):
+        return False
+    if "Ingress" not in spec.get("policyTypes", ["Ingress"]):
+        return False
+    for rule in spec.get("ingress", []):
+        sources = rule.get("from")
+        from_own = bool(sources) and all(
+            set(src) == {"podSelector"} and _match_labels(src["podSelector"]) == own for src in sources
+        )
+        ports = [(p.get("port"), p.get("protocol", "TCP")) for p in rule.get("ports", [])]
+        if not from_own and ports != [(PORT, "TCP")]:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------- tests
@@ -485,6 +594,18 @@ def _lws_group(docs):
     return _doc(docs, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]
 
 
+def _node_terms(docs, role="server"):
+    return _pod(docs, role)["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+
+
+def _seed(docs):
+    return _doc(docs, "Job")["spec"]["template"]
+
+
+def _scaling(docs):
+    return _doc(docs, "ScaledObject")["spec"]
+
+
 INCONSISTENT: list[tuple[str, Callable[[list], None], str]] = [
     ("jamba-1.5-mini-int8", lambda d: _server(d)["resources"]["limits"].update({"nvidia.com/gpu": 2}), "request 1 != limit 2"),
     ("jamba-1.5-mini-int8", lambda d: [_server(d)["resources"][k].update({"nvidia.com/gpu": 2}) for k in ("requests", "limits")],
@@ -530,10 +651,13 @@ INCONSISTENT: list[tuple[str, Callable[[list], None], str]] = [
      "pipeline_parallel_size"),
     ("jamba-1.5-large-int8-tp8-pp2", lambda d: _server(d).update(args=["--engine-arg", "distributed_executor_backend=mp"]),
      "engine_args"),
-    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _server(d)["command"].__setitem__(2, "exec jamba-server --config /app/configs/${JAMBA_PRESET}.yaml --host 0.0.0.0 --port 8000"),
+    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _server(d)["command"].__setitem__(4, "exec jamba-server --config /app/configs/${JAMBA_PRESET}.yaml --host 0.0.0.0 --port 8000"),
      "Ray head"),
     ("jamba-1.5-large-int8-tp8-pp2", lambda d: _container(_pod(d, "worker")).update(command=["ray", "start", "--block"]),
      "does not join"),
+    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _server(d).update(command=_server(d)["command"][2:]), "PID 1 is not tini"),
+    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _container(_pod(d, "worker")).update(command=_container(_pod(d, "worker"))["command"][2:]),
+     "does not join the leader's Ray head under tini"),
     ("jamba-1.5-large-int8-tp8-pp2", lambda d: _doc(d, "LeaderWorkerSet")["spec"].update(startupPolicy="LeaderReady"),
      "deadlocks"),
     ("jamba-1.5-large-int8-tp8-pp2", lambda d: _container(_pod(d, "worker"))["lifecycle"]["preStop"]["sleep"].update(seconds=30),
@@ -543,6 +667,43 @@ INCONSISTENT: list[tuple[str, Callable[[list], None], str]] = [
      "misses the worker pods"),
     ("jamba-1.5-large-int8-tp8-pp2", lambda d: _doc(d, "Service")["metadata"].update(name="jamba-large-int8-tp8-pp2"),
      "headless Service"),
+    ("jamba-1.5-mini-int8", lambda d: _pod(d)["spec"].pop("affinity"), "nodes are not required"),
+    ("jamba-1.5-mini-int8", lambda d: _node_terms(d)[1]["matchExpressions"][2].update(values=["40000"]), "nodes are not required"),
+    ("jamba-1.5-large-int8-tp8", lambda d: _node_terms(d)[0]["matchExpressions"][0].update(values=["534"]),
+     "nodes are not required"),
+    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _pod(d, "worker")["spec"].pop("affinity"), "worker: nodes are not required"),
+    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _node_terms(d, "worker")[0]["matchExpressions"].pop(1),
+     "worker: nodes are not required"),
+    ("jamba-1.5-mini-int8", lambda d: _server(d).update(env=[e for e in _server(d)["env"] if e["name"] != "HF_HUB_OFFLINE"]),
+     "HF_HUB_OFFLINE"),
+    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _set_env(_container(_pod(d, "worker")), "HF_HUB_OFFLINE", "0"),
+     "worker: HF_HUB_OFFLINE"),
+    ("jamba-1.5-mini-int8", lambda d: _set_env(_server(d), "VLLM_CACHE_ROOT", "/models/vllm"), "VLLM_CACHE_ROOT"),
+    ("jamba-1.5-mini-bf16-tp2", lambda d: _seed(d)["spec"]["containers"][0].update(command=["hf", "download", "ai21labs/AI21-Jamba-1.5-Large"]),
+     "does not download ai21labs/AI21-Jamba-1.5-Mini"),
+    ("jamba-1.5-mini-int8", lambda d: _seed(d)["spec"]["volumes"][0]["persistentVolumeClaim"].update(claimName="other"),
+     "seed Job does not mount"),
+    ("jamba-1.5-mini-int8", lambda d: _set_env(_seed(d)["spec"]["containers"][0], "HF_HOME", "/models/cache"),
+     "seed Job's HF_HOME"),
+    ("jamba-1.5-mini-int8", lambda d: _seed(d)["spec"].pop("initContainers"), "does not chown"),
+    ("jamba-1.5-mini-int8", lambda d: _seed(d)["spec"]["containers"][0]["securityContext"].update(runAsUser=0),
+     "does not download as uid"),
+    ("jamba-1.5-mini-int8", lambda d: _seed(d)["metadata"]["labels"].update({"app.kubernetes.io/instance": "jamba-mini-int8"}),
+     "selects the seed Job"),
+    ("jamba-1.5-mini-int8", lambda d: d.remove(_doc(d, "Job")), "expected one Job"),
+    ("jamba-1.5-mini-int8", lambda d: _scaling(d).update(minReplicaCount=1), "minReplicaCount below 2"),
+    ("jamba-1.5-large-int8-tp8", lambda d: _scaling(d)["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"].update(
+        stabilizationWindowSeconds=900), "shorter than a replica's load"),
+    ("jamba-1.5-mini-int8", lambda d: _scaling(d)["triggers"][0]["metadata"].update(
+        query='sum(jamba_requests_queued{service="jamba-mini-int8"})'), "vllm:num_requests_waiting"),
+    ("jamba-1.5-mini-int8", lambda d: _doc(d, "Deployment")["spec"]["strategy"]["rollingUpdate"].update(maxSurge=0, maxUnavailable=1),
+     "not surge-first"),
+    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _doc(d, "LeaderWorkerSet")["spec"]["rolloutStrategy"]["rollingUpdateConfiguration"].update(
+        maxSurge=0, maxUnavailable=1), "not surge-first"),
+    ("jamba-1.5-large-int8-tp8-pp2", lambda d: d.remove(_doc(d, "NetworkPolicy")), "no NetworkPolicy"),
+    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _doc(d, "NetworkPolicy")["spec"]["ingress"][1].pop("ports"), "no NetworkPolicy"),
+    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _doc(d, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"].update(role="leader"),
+     "no NetworkPolicy"),
 ]  # fmt: skip
 
 
