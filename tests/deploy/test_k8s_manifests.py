@@ -499,7 +499,7 @@ def test_pinned_version_is_shipped():
 def test_every_gpu_preset_has_a_target():
     presets = {p.stem for p in (REPO / "configs").glob("jamba-*.yaml")}
     assert set(TARGETS) == presets == {
-        "jamba-1.5-mini-bf16-tp2", "jamba-1.5-mini-int8", "jamba-1.5-large-int8-tp8", "jamba-1.5-large-int8-tp8-pp2",
+        "jamba-1.5-mini-bf16-tp2", "jamba-1.5-mini-int8", "jamba-1.5-large-int8-tp8", "jamba-1.5-large-bf16-tp8-pp2",
     }  # fmt: skip
 
 
@@ -559,11 +559,11 @@ INVALID: list[tuple[str, str, Callable[[list], None], str]] = [
      lambda d: _doc(d, "ScaledObject")["spec"]["triggers"][0]["metadata"].update(threshold=4), "is not of type 'string'"),
     ("jamba-1.5-mini-int8", "ServiceMonitor without selector",
      lambda d: _doc(d, "ServiceMonitor")["spec"].pop("selector"), "'selector' is a required property"),
-    ("jamba-1.5-large-int8-tp8-pp2", "unknown field in the LWS worker PodSpec",
+    ("jamba-1.5-large-bf16-tp8-pp2", "unknown field in the LWS worker PodSpec",
      lambda d: _container(_pod(d, "worker")).update(imagePullPolicyy="Always"), "imagePullPolicyy"),
-    ("jamba-1.5-large-int8-tp8-pp2", "unknown field in the LWS leader template metadata",
+    ("jamba-1.5-large-bf16-tp8-pp2", "unknown field in the LWS leader template metadata",
      lambda d: _pod(d)["metadata"].update(generateName="x-"), "generateName"),
-    ("jamba-1.5-large-int8-tp8-pp2", "LWS enum",
+    ("jamba-1.5-large-bf16-tp8-pp2", "LWS enum",
      lambda d: _doc(d, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"].update(restartPolicy="Always"), "Always"),
 ]  # fmt: skip
 
@@ -644,39 +644,39 @@ INCONSISTENT: list[tuple[str, Callable[[list], None], str]] = [
         query='sum(jamba_requests_waiting{service="jamba-mini-int8"})'), "unknown one"),
     ("jamba-1.5-mini-int8", lambda d: _doc(d, "ScaledObject")["spec"]["triggers"][0]["metadata"].update(
         query='sum(jamba_requests_queued{service="jamba-mini-bf16-tp2"})'), "does not select this Service"),
-    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _lws_group(d).update(size=3), "pods per group 3"),
-    ("jamba-1.5-large-int8-tp8-pp2", lambda d: [_container(_pod(d, "worker"))["resources"][k].update({"nvidia.com/gpu": 4})
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _lws_group(d).update(size=3), "pods per group 3"),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: [_container(_pod(d, "worker"))["resources"][k].update({"nvidia.com/gpu": 4})
                                                 for k in ("requests", "limits")], "GPUs per replica 12"),
-    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _set_env(_server(d), "JAMBA_PIPELINE_PARALLEL_SIZE", "1"),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _set_env(_server(d), "JAMBA_PIPELINE_PARALLEL_SIZE", "1"),
      "pipeline_parallel_size"),
-    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _server(d).update(args=["--engine-arg", "distributed_executor_backend=mp"]),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _server(d).update(args=["--engine-arg", "distributed_executor_backend=mp"]),
      "engine_args"),
-    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _server(d)["command"].__setitem__(4, "exec jamba-server --config /app/configs/${JAMBA_PRESET}.yaml --host 0.0.0.0 --port 8000"),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _server(d)["command"].__setitem__(4, "exec jamba-server --config /app/configs/${JAMBA_PRESET}.yaml --host 0.0.0.0 --port 8000"),
      "Ray head"),
-    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _container(_pod(d, "worker")).update(command=["ray", "start", "--block"]),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _container(_pod(d, "worker")).update(command=["ray", "start", "--block"]),
      "does not join"),
-    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _server(d).update(command=_server(d)["command"][2:]), "PID 1 is not tini"),
-    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _container(_pod(d, "worker")).update(command=_container(_pod(d, "worker"))["command"][2:]),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _server(d).update(command=_server(d)["command"][2:]), "PID 1 is not tini"),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _container(_pod(d, "worker")).update(command=_container(_pod(d, "worker"))["command"][2:]),
      "does not join the leader's Ray head under tini"),
-    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _doc(d, "LeaderWorkerSet")["spec"].update(startupPolicy="LeaderReady"),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _doc(d, "LeaderWorkerSet")["spec"].update(startupPolicy="LeaderReady"),
      "deadlocks"),
-    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _container(_pod(d, "worker"))["lifecycle"]["preStop"]["sleep"].update(seconds=30),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _container(_pod(d, "worker"))["lifecycle"]["preStop"]["sleep"].update(seconds=30),
      "before the leader's drain"),
-    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _doc(d, "Service")["spec"]["selector"].pop("role"), "selects LWS worker"),
-    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _doc(d, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].update(role="leader"),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _doc(d, "Service")["spec"]["selector"].pop("role"), "selects LWS worker"),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _doc(d, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].update(role="leader"),
      "misses the worker pods"),
-    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _doc(d, "Service")["metadata"].update(name="jamba-large-int8-tp8-pp2"),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _doc(d, "Service")["metadata"].update(name="jamba-large-bf16-tp8-pp2"),
      "headless Service"),
     ("jamba-1.5-mini-int8", lambda d: _pod(d)["spec"].pop("affinity"), "nodes are not required"),
     ("jamba-1.5-mini-int8", lambda d: _node_terms(d)[1]["matchExpressions"][2].update(values=["40000"]), "nodes are not required"),
     ("jamba-1.5-large-int8-tp8", lambda d: _node_terms(d)[0]["matchExpressions"][0].update(values=["534"]),
      "nodes are not required"),
-    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _pod(d, "worker")["spec"].pop("affinity"), "worker: nodes are not required"),
-    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _node_terms(d, "worker")[0]["matchExpressions"].pop(1),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _pod(d, "worker")["spec"].pop("affinity"), "worker: nodes are not required"),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _node_terms(d, "worker")[0]["matchExpressions"].pop(1),
      "worker: nodes are not required"),
     ("jamba-1.5-mini-int8", lambda d: _server(d).update(env=[e for e in _server(d)["env"] if e["name"] != "HF_HUB_OFFLINE"]),
      "HF_HUB_OFFLINE"),
-    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _set_env(_container(_pod(d, "worker")), "HF_HUB_OFFLINE", "0"),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _set_env(_container(_pod(d, "worker")), "HF_HUB_OFFLINE", "0"),
      "worker: HF_HUB_OFFLINE"),
     ("jamba-1.5-mini-int8", lambda d: _set_env(_server(d), "VLLM_CACHE_ROOT", "/models/vllm"), "VLLM_CACHE_ROOT"),
     ("jamba-1.5-mini-bf16-tp2", lambda d: _seed(d)["spec"]["containers"][0].update(command=["hf", "download", "ai21labs/AI21-Jamba-1.5-Large"]),
@@ -698,11 +698,11 @@ INCONSISTENT: list[tuple[str, Callable[[list], None], str]] = [
         query='sum(jamba_requests_queued{service="jamba-mini-int8"})'), "vllm:num_requests_waiting"),
     ("jamba-1.5-mini-int8", lambda d: _doc(d, "Deployment")["spec"]["strategy"]["rollingUpdate"].update(maxSurge=0, maxUnavailable=1),
      "not surge-first"),
-    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _doc(d, "LeaderWorkerSet")["spec"]["rolloutStrategy"]["rollingUpdateConfiguration"].update(
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _doc(d, "LeaderWorkerSet")["spec"]["rolloutStrategy"]["rollingUpdateConfiguration"].update(
         maxSurge=0, maxUnavailable=1), "not surge-first"),
-    ("jamba-1.5-large-int8-tp8-pp2", lambda d: d.remove(_doc(d, "NetworkPolicy")), "no NetworkPolicy"),
-    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _doc(d, "NetworkPolicy")["spec"]["ingress"][1].pop("ports"), "no NetworkPolicy"),
-    ("jamba-1.5-large-int8-tp8-pp2", lambda d: _doc(d, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"].update(role="leader"),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: d.remove(_doc(d, "NetworkPolicy")), "no NetworkPolicy"),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _doc(d, "NetworkPolicy")["spec"]["ingress"][1].pop("ports"), "no NetworkPolicy"),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _doc(d, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"].update(role="leader"),
      "no NetworkPolicy"),
 ]  # fmt: skip
 
