@@ -423,6 +423,8 @@ def _problems(target: str, docs: list[dict[str, Any]]) -> list[str]:
         check("scale" in crd.get("subresources", {}), "the LeaderWorkerSet CRD has no scale subresource")
     check(scaled.get("minReplicaCount", 0) >= 2,
           "minReplicaCount below 2: with one replica, a node drain or a restart is an outage")  # fmt: skip
+    check(scaled.get("maxReplicaCount", 100) > scaled.get("minReplicaCount", 0),
+          "maxReplicaCount is not above minReplicaCount: nothing left to scale")  # fmt: skip
     scale_down = scaled.get("advanced", {}).get("horizontalPodAutoscalerConfig", {}).get("behavior", {}).get("scaleDown", {})
     check(scale_down.get("stabilizationWindowSeconds", 300) >= min(budget, HPA_MAX_STABILIZATION_S),
           f"scale-down stabilizationWindowSeconds {scale_down.get('stabilizationWindowSeconds', 300)} is shorter than "
@@ -692,6 +694,7 @@ INCONSISTENT: list[tuple[str, Callable[[list], None], str]] = [
      "selects the seed Job"),
     ("jamba-1.5-mini-int8", lambda d: d.remove(_doc(d, "Job")), "expected one Job"),
     ("jamba-1.5-mini-int8", lambda d: _scaling(d).update(minReplicaCount=1), "minReplicaCount below 2"),
+    ("jamba-1.5-large-int8-tp8", lambda d: _scaling(d).update(maxReplicaCount=2), "nothing left to scale"),
     ("jamba-1.5-large-int8-tp8", lambda d: _scaling(d)["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"].update(
         stabilizationWindowSeconds=900), "shorter than a replica's load"),
     ("jamba-1.5-mini-int8", lambda d: _scaling(d)["triggers"][0]["metadata"].update(
