@@ -92,8 +92,10 @@ class EngineAdapter:
 
     def load_tokenizer(self) -> Any:
         source = self.settings.tokenizer or self.settings.model
+        # The model's own tokenizer follows its revision, as vLLM's does (tokenizer_revision unset).
+        revision = self.settings.revision if self.settings.tokenizer is None else None
         tokenizer = AutoTokenizer.from_pretrained(
-            source, trust_remote_code=self.settings.trust_remote_code
+            source, trust_remote_code=self.settings.trust_remote_code, revision=revision
         )
         self.tokenizer = tokenizer
         self._stop_token_ids = [i for i in map(self.token_id, STOP_TOKENS) if i is not None]

@@ -27,6 +27,8 @@ class Settings(BaseModel):
     # Engine (vLLM names)
     model: str
     served_model_name: str | None = None
+    # A Hugging Face commit (or tag) of `model`: the engine, its tokenizer and ours load exactly it.
+    revision: str | None = None
     tokenizer: str | None = None
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
@@ -97,6 +99,7 @@ class Settings(BaseModel):
         }
         optional = {
             "tokenizer": self.tokenizer,
+            "revision": self.revision,
             "quantization": self.quantization,
             "max_model_len": self.max_model_len,
             "max_num_seqs": self.max_num_seqs,
@@ -125,6 +128,7 @@ class Settings(BaseModel):
 _SCALAR_FIELDS: dict[str, Any] = {
     "model": str,
     "served_model_name": str,
+    "revision": str,
     "tokenizer": str,
     "tensor_parallel_size": int,
     "pipeline_parallel_size": int,

@@ -54,7 +54,7 @@ HPA_MAX_STABILIZATION_S = 3600  # autoscaling/v2's limit on behavior.*.stabiliza
 # Startup probe budget: download + load of ~104 GB (Mini) or ~800 GB (Large) of BF16 weights.
 MIN_STARTUP_S = {"ai21labs/AI21-Jamba-1.5-Mini": 30 * 60, "ai21labs/AI21-Jamba-1.5-Large": 60 * 60}
 # Settings a manifest must not change relative to its preset (through env or flags).
-PINNED = ("model", "served_model_name", "dtype", "quantization", "max_model_len",
+PINNED = ("model", "revision", "served_model_name", "dtype", "quantization", "max_model_len",
           "tensor_parallel_size", "pipeline_parallel_size", "engine_args")  # fmt: skip
 
 TARGETS = sorted(p.name for p in K8S.iterdir() if p.is_dir() and p.name != "schemas")
@@ -348,6 +348,9 @@ def _problems(target: str, docs: list[dict[str, Any]]) -> list[str]:
     check(_plain_env(seed_main).get("HF_HOME") == HF_HOME, "the seed Job's HF_HOME is not the servers'")
     check(seed_main.get("command", [])[:2] == ["hf", "download"] and eff.model in seed_main["command"],
           f"the seed Job does not download {eff.model}: {seed_main.get('command')}")  # fmt: skip
+    seed_revision = _flag_value(seed_main.get("command", []), "--revision")
+    check(seed_revision == eff.revision,
+          f"the seed Job downloads revision {seed_revision}, the servers load {eff.revision}")  # fmt: skip
     check(seed["spec"].get("securityContext", {}).get("runAsUser") == UID
           and seed_main.get("securityContext", {}).get("runAsUser", UID) == UID,
           f"the seed Job does not download as uid {UID}")  # fmt: skip
@@ -439,6 +442,16 @@ def _problems(target: str, docs: list[dict[str, Any]]) -> list[str]:
     check(any(f'vllm:num_requests_waiting{{service="{service["metadata"]["name"]}"}}' in q for q in queries),
           "no trigger counts vllm:num_requests_waiting (requests waiting inside vLLM for cache space)")  # fmt: skip
     return out
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of `flag VALUE` or `flag=VALUE` in argv (None when absent)."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def _at_least(expression: dict[str, Any], minimum: int) -> bool:
@@ -688,6 +701,9 @@ INCONSISTENT: list[tuple[str, Callable[[list], None], str]] = [
     ("jamba-1.5-mini-int8", lambda d: _set_env(_seed(d)["spec"]["containers"][0], "HF_HOME", "/models/cache"),
      "seed Job's HF_HOME"),
     ("jamba-1.5-mini-int8", lambda d: _seed(d)["spec"].pop("initContainers"), "does not chown"),
+    ("jamba-1.5-mini-int8", lambda d: _seed(d)["spec"]["containers"][0]["command"].extend(["--revision", "abc123"]),
+     "the seed Job downloads revision abc123, the servers load None"),
+    ("jamba-1.5-mini-int8", lambda d: _set_env(_server(d), "JAMBA_REVISION", "abc123"), "revision"),
     ("jamba-1.5-mini-int8", lambda d: _seed(d)["spec"]["containers"][0]["securityContext"].update(runAsUser=0),
      "does not download as uid"),
     ("jamba-1.5-mini-int8", lambda d: _seed(d)["metadata"]["labels"].update({"app.kubernetes.io/instance": "jamba-mini-int8"}),

@@ -36,7 +36,11 @@ def server(dev_model):
     """Shared by the module's tests; the drain test, last, stops it. Warmed by one request, so no
     test measures the engine's first step."""
     proc = start_server(*LONG_CONTEXT_ARGS, "--drain-timeout", "120", "--log-request-content")
-    httpx.post(proc.base_url + "/v1/chat/completions", json={**LONG, "max_tokens": 4}, timeout=120).raise_for_status()
+    try:
+        httpx.post(proc.base_url + "/v1/chat/completions", json={**LONG, "max_tokens": 4}, timeout=120).raise_for_status()
+    except BaseException:
+        proc.stop()
+        raise
     yield proc
     assert proc.stop() == 0, proc.log_tail()
 

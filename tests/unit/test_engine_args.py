@@ -171,3 +171,20 @@ def test_the_adapter_builds_the_engine_in_that_context(monkeypatch):
     with pytest.raises(RuntimeError, match="built"):
         adapter.start()
     assert seen["usage_context"] is engine.USAGE_CONTEXT is UsageContext.OPENAI_API_SERVER
+
+
+@pytest.mark.parametrize(("flags", "expected"), [([], "abc123"), (["--tokenizer", "other/tok"], None)])
+def test_our_tokenizer_follows_the_models_revision(monkeypatch, flags, expected):
+    from jamba_server import engine
+
+    seen = {}
+
+    def from_pretrained(source, **kwargs):
+        seen.update(kwargs, source=source)
+        raise RuntimeError("loaded")
+
+    monkeypatch.setattr(engine.AutoTokenizer, "from_pretrained", from_pretrained)
+    adapter = engine.EngineAdapter(load_settings(["--model", "ai21labs/AI21-Jamba-1.5-Mini", "--revision", "abc123", *flags], environ={}))
+    with pytest.raises(RuntimeError, match="loaded"):
+        adapter.load_tokenizer()
+    assert seen["revision"] == expected  # a separate tokenizer repo does not share the model's commits

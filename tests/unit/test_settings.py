@@ -128,3 +128,10 @@ def test_chat_template_default_and_override(tmp_path):
     settings = load_settings(["--model", "m", "--chat-template", str(tmp_path / "no")], environ={})
     with pytest.raises(SettingsError):
         settings.chat_template_text()
+
+
+def test_revision_reaches_the_engine_from_flag_or_environment():
+    assert "revision" not in settings_for("jamba-1.5-mini-int8.yaml").engine_kwargs()
+    flagged = settings_for("jamba-1.5-mini-int8.yaml", "--revision", "abc123")
+    assert flagged.engine_kwargs()["revision"] == "abc123"
+    assert settings_for("jamba-1.5-mini-int8.yaml", environ={"JAMBA_REVISION": "v1"}).revision == "v1"
