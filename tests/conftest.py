@@ -121,14 +121,20 @@ class ServerProcess:
         prefixes = ("jamba_requests_", "jamba_admission_limit", "vllm:num_requests_")
         return "\n".join(line for line in self.metrics_text().splitlines() if line.startswith(prefixes))
 
+    def requests_running(self, count: int) -> bool:
+        """Our running gauge and vLLM's both read `count`: the engine holds exactly those requests."""
+        text = self.metrics_text()
+        return sample(text, "jamba_requests_running") == count and sample(text, "vllm:num_requests_running") == count
+
     def wait_idle(self, within: float) -> float:
         """Seconds until no request runs, by our gauge and by vLLM's (the engine has let go of them)."""
+        return wait_for(lambda: self.requests_running(0), within, "requests still running")
 
-        def idle() -> bool:
-            text = self.metrics_text()
-            return sample(text, "jamba_requests_running") == 0 and sample(text, "vllm:num_requests_running") == 0
-
-        return wait_for(idle, within, "requests still running")
+    def access_log(self) -> dict[str, dict]:
+        """The server's access-log lines so far, by request id (a line still being written is left out)."""
+        lines = self.log_path.read_text(errors="replace").splitlines(keepends=True)
+        entries = [json.loads(line) for line in lines if line.startswith("{") and line.endswith("\n")]
+        return {entry["request_id"]: entry for entry in entries if "request_id" in entry}
 
     def engine_processes(self) -> list[psutil.Process]:
         """vLLM's engine core and workers (they name themselves `VLLM::...`)."""

@@ -74,32 +74,40 @@ def split_step(args: list[str], wheel: Path, tmp_path: Path) -> tuple[list[str],
     return requirements, constraints
 
 
-def resolve(requirements: list[str], constraints: list[Path], python: str, newest_glibc: int, tmp_path: Path) -> dict:
-    """Package → version, as the install would pick them; ResolutionFailed with the resolver's words."""
-    if python == HERE:
-        report = tmp_path / "report.json"
-        platforms = [f"--platform=manylinux_2_{minor}_x86_64" for minor in range(newest_glibc, 16, -1)]
-        command = [
-            sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
-            f"--python-version={python}", "--implementation=cp", *platforms, "--platform=manylinux2014_x86_64",
-            "--platform=linux_x86_64", "--only-binary=:all:", *[f"--constraint={c}" for c in constraints], *requirements,
-        ]  # fmt: skip
-    else:
-        (tmp_path / "requirements.in").write_text("\n".join(requirements) + "\n")
-        command = [
-            str(Path(sys.executable).with_name("uv")), "pip", "compile", str(tmp_path / "requirements.in"),
-            f"--python-version={python}", f"--python-platform=x86_64-manylinux_2_{newest_glibc}", "--only-binary=:all:",
-            *[f"--constraint={c}" for c in constraints], "--no-header", "--no-annotate", "--quiet",
-            "--output-file", str(tmp_path / "resolved.txt"),
-        ]  # fmt: skip
+def _run_resolver(command: list[str]) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         errors = "\n".join(line for line in result.stderr.splitlines() if "is ignored" not in line)
         raise ResolutionFailed(errors[-4000:])
-    if python == HERE:
-        return {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
-    pins = re.findall(r"^([\w.-]+)(?:\[[^\]]*\])? *(?:==|@) *(\S+)", (tmp_path / "resolved.txt").read_text(), re.M)
+
+
+def _resolve_with_pip(requirements: list[str], constraints: list[str], python: str, newest_glibc: int, tmp_path: Path) -> dict:
+    report = tmp_path / "report.json"
+    platforms = [f"--platform=manylinux_2_{minor}_x86_64" for minor in range(newest_glibc, 16, -1)]
+    _run_resolver([
+        sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
+        f"--python-version={python}", "--implementation=cp", *platforms, "--platform=manylinux2014_x86_64",
+        "--platform=linux_x86_64", "--only-binary=:all:", *constraints, *requirements,
+    ])  # fmt: skip
+    return {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+
+
+def _resolve_with_uv(requirements: list[str], constraints: list[str], python: str, newest_glibc: int, tmp_path: Path) -> dict:
+    (tmp_path / "requirements.in").write_text("\n".join(requirements) + "\n")
+    resolved = tmp_path / "resolved.txt"
+    _run_resolver([
+        str(Path(sys.executable).with_name("uv")), "pip", "compile", str(tmp_path / "requirements.in"),
+        f"--python-version={python}", f"--python-platform=x86_64-manylinux_2_{newest_glibc}", "--only-binary=:all:",
+        *constraints, "--no-header", "--no-annotate", "--quiet", "--output-file", str(resolved),
+    ])  # fmt: skip
+    pins = re.findall(r"^([\w.-]+)(?:\[[^\]]*\])? *(?:==|@) *(\S+)", resolved.read_text(), re.M)
     return {name.lower().replace("_", "-"): version for name, version in pins}
+
+
+def resolve(requirements: list[str], constraints: list[Path], python: str, newest_glibc: int, tmp_path: Path) -> dict:
+    """Package → version, as the install would pick them; ResolutionFailed with the resolver's words."""
+    resolver = _resolve_with_pip if python == HERE else _resolve_with_uv
+    return resolver(requirements, [f"--constraint={c}" for c in constraints], python, newest_glibc, tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import LONG_CONTEXT_ARGS, LONG_MAX_TOKENS, MODEL_NAME, sample, start_server, wait_for
+from tests.conftest import LONG_CONTEXT_ARGS, LONG_MAX_TOKENS, MODEL_NAME, start_server, wait_for
 
 MESSAGES = [{"role": "user", "content": "Go on."}]
 LONG = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": LONG_MAX_TOKENS, "ignore_eos": True}
@@ -53,12 +53,6 @@ def aborted(server, cause: str) -> float:
     return server.metric("jamba_requests_aborted_total", f'cause="{cause}"')
 
 
-def engine_running(server, count: int) -> bool:
-    """Our gauge and vLLM's both say `count` requests run: the engine has them, not just admission."""
-    text = server.metrics_text()
-    return sample(text, "jamba_requests_running") == count and sample(text, "vllm:num_requests_running") == count
-
-
 # ---- client disconnects and deadlines
 
 
@@ -69,7 +63,7 @@ def test_streaming_disconnect_aborts_within_a_second(server):
             events = (line for line in resp.iter_lines() if line)
             seen = [next(events) for _ in range(3)]
             assert all('"content"' in e for e in seen), seen
-            wait_for(lambda: engine_running(server, 1), 30, server.request_gauges)
+            wait_for(lambda: server.requests_running(1), 30, server.request_gauges)
         # leaving the block closes the connection with the body unread
     elapsed = server.wait_idle(within=1.0)
     assert aborted(server, "client_disconnect") == before + 1
@@ -92,7 +86,7 @@ def open_request(server, body: dict) -> socket.socket:
 def test_non_streaming_disconnect_aborts_within_a_second(server):
     before = aborted(server, "client_disconnect")
     with open_request(server, LONG):
-        wait_for(lambda: engine_running(server, 1), 30, server.request_gauges)
+        wait_for(lambda: server.requests_running(1), 30, server.request_gauges)
     elapsed = server.wait_idle(within=1.0)
     assert aborted(server, "client_disconnect") == before + 1
     print(f"non-stream abort latency {elapsed:.3f}s")
@@ -218,17 +212,11 @@ def test_sigterm_drains_in_flight_streams(server, tmp_path):
         chunks = [json.loads(e) for e in events[:-1]]
         assert chunks[-1]["usage"]["completion_tokens"] == SHORT_TOKENS
         assert any(c["choices"] and c["choices"][0]["finish_reason"] == "length" for c in chunks)
-    logged = access_log(server)
+    logged = server.access_log()
     for i in range(3):  # --log-request-content puts prompt and output in the access line
         line = logged[f"drain-{i}"]
         assert line["status"] == 200 and line["completion_tokens"] == SHORT_TOKENS and len(line["outputs"]) == 1
         assert line["prompt"].endswith("<|bom|><|user|> Go on.<|eom|><|bom|><|assistant|>")
-
-
-def access_log(server) -> dict[str, dict]:
-    """The server's access-log lines for chat completions, by request id."""
-    lines = [json.loads(l) for l in server.log_path.read_text().splitlines() if l.startswith("{")]
-    return {l["request_id"]: l for l in lines if l.get("path") == "/v1/chat/completions"}
 
 
 # ---- engine death
@@ -273,7 +261,7 @@ def test_engine_death_fails_fast_and_exits_non_zero(dev_model):
         threads[0].start()
         assert streaming.wait(60), "stream did not start"
         threads[1].start()
-        wait_for(lambda: engine_running(server, 2), 30, server.request_gauges)
+        wait_for(lambda: server.requests_running(2), 30, server.request_gauges)
         engine_core(server).kill()
         killed = time.monotonic()
         # Probed before the requests end: the process exits about 2 s after the engine's death.
