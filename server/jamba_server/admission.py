@@ -1,8 +1,9 @@
 """Admission control and request limits: what the server accepts, and how much at once.
 
-- `AdmissionController`: at most `max_running` requests (and optionally `max_tokens_in_flight`
-  prompt + max_tokens) in the engine at once, a FIFO queue of at most `max_queued` behind them,
-  429 with Retry-After beyond that, 503 while draining. Decided before any engine work.
+- `AdmissionController`: at most `max_running` sequences (a request with `n` choices is `n` of the
+  engine's `max_num_seqs`; and optionally `max_tokens_in_flight` prompt + max_tokens) in the engine
+  at once, a FIFO queue of at most `max_queued` requests behind them, 429 with Retry-After beyond
+  that, 503 while draining. Decided before any engine work.
 - `check_chat_limits` / `check_completion_limits`: per-request size limits, each naming its param.
 """
 
@@ -14,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from jamba_server.errors import InvalidRequestError, RateLimitError, RequestTooLargeError, ServiceUnavailableError
-from jamba_server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from jamba_server.protocol import ChatCompletionRequest, ChatFeatures, CompletionRequest, SamplingFields
 from jamba_server.settings import Settings
 
 
@@ -24,12 +25,14 @@ class Ticket:
 
     tokens: int
     issuer: AdmissionController = field(repr=False)
+    sequences: int = 1
     released: bool = False
 
 
 @dataclass(eq=False)
 class _Waiter:
     tokens: int
+    sequences: int
     future: asyncio.Future[Ticket] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -39,7 +42,8 @@ class AdmissionController:
         self.max_queued = max_queued
         self.max_tokens = max_tokens
         self.retry_after = retry_after
-        self.running = 0
+        self.running = 0  # requests
+        self.running_sequences = 0
         self.running_tokens = 0
         self.draining = False
         self._queue: deque[_Waiter] = deque()
@@ -52,17 +56,18 @@ class AdmissionController:
     def in_flight(self) -> int:
         return self.running + self.queued
 
-    def _fits(self, tokens: int) -> bool:
-        if self.running >= self.max_running:
-            return False
-        if self.max_tokens is None or self.running == 0:  # a lone large request may always run
+    def _fits(self, tokens: int, sequences: int) -> bool:
+        if self.running == 0:  # a lone large request may always run
             return True
-        return self.running_tokens + tokens <= self.max_tokens
+        if self.running_sequences + sequences > self.max_running:
+            return False
+        return self.max_tokens is None or self.running_tokens + tokens <= self.max_tokens
 
-    def _start(self, tokens: int) -> Ticket:
+    def _start(self, tokens: int, sequences: int) -> Ticket:
         self.running += 1
+        self.running_sequences += sequences
         self.running_tokens += tokens
-        return Ticket(tokens, self)
+        return Ticket(tokens, self, sequences)
 
     def _retry_headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
@@ -75,7 +80,7 @@ class AdmissionController:
                 code="shutting_down",
                 headers=self._retry_headers(),
             )
-        if self.running >= self.max_running and len(self._queue) >= self.max_queued:
+        if self.running_sequences >= self.max_running and len(self._queue) >= self.max_queued:
             self._reject()
 
     def _reject(self) -> None:
@@ -85,14 +90,14 @@ class AdmissionController:
             headers=self._retry_headers(),
         )
 
-    async def acquire(self, tokens: int) -> Ticket:
+    async def acquire(self, tokens: int, sequences: int = 1) -> Ticket:
         """Admit now, or queue (FIFO) until capacity frees; 429 when the queue is full."""
         self.check_open()
-        if not self._queue and self._fits(tokens):
-            return self._start(tokens)
+        if not self._queue and self._fits(tokens, sequences):
+            return self._start(tokens, sequences)
         if len(self._queue) >= self.max_queued:
             self._reject()
-        waiter = _Waiter(tokens)
+        waiter = _Waiter(tokens, sequences)
         self._queue.append(waiter)
         try:
             return await waiter.future
@@ -108,14 +113,15 @@ class AdmissionController:
             return
         ticket.released = True
         self.running -= 1
+        self.running_sequences -= ticket.sequences
         self.running_tokens -= ticket.tokens
         self._wake()
 
     def _wake(self) -> None:
-        while self._queue and self._fits(self._queue[0].tokens):
+        while self._queue and self._fits(self._queue[0].tokens, self._queue[0].sequences):
             waiter = self._queue.popleft()
             if not waiter.future.done():
-                waiter.future.set_result(self._start(waiter.tokens))
+                waiter.future.set_result(self._start(waiter.tokens, waiter.sequences))
 
     def start_draining(self) -> None:
         self.draining = True
@@ -161,6 +167,11 @@ def _schema_bytes(schema: object) -> int:
 def check_chat_limits(request: ChatCompletionRequest, settings: Settings) -> None:
     max_param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
     _check_sampling(request, request.requested_max_tokens(), settings, max_param)
+    check_chat_input_limits(request, settings)
+
+
+def check_chat_input_limits(request: ChatFeatures, settings: Settings) -> None:
+    """The limits on what a chat request renders into the prompt (also for /tokenize)."""
     if len(request.messages) > settings.max_messages:
         raise _too_many("messages", len(request.messages), settings.max_messages, "messages")
     tools = request.tools or []

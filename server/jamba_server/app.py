@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jamba_server import __version__
-from jamba_server.admission import check_chat_limits, check_completion_limits
+from jamba_server.admission import check_chat_input_limits, check_chat_limits, check_completion_limits
 from jamba_server.auth import ApiKeyChecker
 from jamba_server.core import prompt as prompts
 from jamba_server.core.features import plan_chat
@@ -33,7 +33,6 @@ from jamba_server.core.sampling import sampling_spec
 from jamba_server.engine import VLLM_VERSION, EngineAdapter
 from jamba_server.errors import (
     APIError,
-    InternalServerError,
     InvalidRequestError,
     NotFoundError,
     RequestTooLargeError,
@@ -203,10 +202,8 @@ def create_app(
         error.headers = dict(exc.headers or {}) or None
         return _error_response(error)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error")
-        return _error_response(InternalServerError("The server had an error while processing your request."))
+    # An exception no handler above maps is the request middleware's: Starlette would run a handler
+    # for `Exception` outside every middleware (no request id, counted as 499, logged twice).
 
     def note(request: Request, **fields: Any) -> None:
         request_info(request.scope).update(fields)
@@ -240,9 +237,8 @@ def create_app(
         begin_generation(request, body.model)
         check_chat_limits(body, settings)
         plan = plan_chat(body)
-        size = sum(len(m.text()) for m in body.messages) + sum(len(d.text) for d in body.documents or [])
         prompt = await _off_loop_if_large(
-            size,
+            prompts.text_size(plan.template_inputs),
             prompts.render_chat,
             adapter.tokenizer,
             state.chat_template,
@@ -299,8 +295,7 @@ def create_app(
             bad = [t for t in body.prompt if not 0 <= t < adapter.vocab_size]
             if bad:
                 raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary", param="prompt")
-            text = adapter.tokenizer.decode(body.prompt) if body.echo else ""
-            prompt = prompts.Prompt(text=text, token_ids=list(body.prompt))
+            prompt = prompts.Prompt(text="", token_ids=list(body.prompt))
         spec = sampling_spec(
             body,
             prompt_tokens=len(prompt.token_ids),
@@ -308,6 +303,9 @@ def create_app(
             vocab_size=adapter.vocab_size,
             max_tokens_cap=settings.max_tokens_limit,
         )
+        if body.echo and not isinstance(body.prompt, str):  # decoded only once the length is known to fit
+            text = await _off_loop_if_large(len(body.prompt), adapter.tokenizer.decode, body.prompt)
+            prompt = prompts.Prompt(text=text, token_ids=prompt.token_ids)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         note(request, engine_request_id=request_id, prompt_tokens=len(prompt.token_ids), stream=body.stream)
         metrics = generation_metrics(request, len(prompt.token_ids), ("stream",) if body.stream else ())
@@ -346,20 +344,26 @@ def create_app(
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        """The prompt a request would get, through the same checks and rendering as generation."""
         state.check_model(body.model)
         state.check_ready()
+        state.admission.check_open()
         if body.messages is not None:
+            check_chat_input_limits(body, settings)
             plan = plan_chat(body)
-            prompt = prompts.render_chat(
+            prompt = await _off_loop_if_large(
+                prompts.text_size(plan.template_inputs),
+                prompts.render_chat,
                 adapter.tokenizer,
                 state.chat_template,
                 plan.template_inputs,
-                add_generation_prompt=body.add_generation_prompt,
-                suffix=plan.prompt_suffix if body.add_generation_prompt else "",
+                body.add_generation_prompt,
+                plan.prompt_suffix if body.add_generation_prompt else "",
             )
         else:
-            prompt = prompts.encode_prompt(
-                adapter.tokenizer, body.prompt or "", add_special_tokens=body.add_special_tokens
+            text = body.prompt or ""
+            prompt = await _off_loop_if_large(
+                len(text), prompts.encode_prompt, adapter.tokenizer, text, body.add_special_tokens
             )
         return TokenizeResponse(
             tokens=prompt.token_ids,

@@ -4,15 +4,36 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Iterable
+from typing import Any, Iterable
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
+# Shorter keys are refused at startup: guessable, and the sign of a string split into characters.
+MIN_API_KEY_LENGTH = 16
+
+
+def check_api_keys(keys: Any) -> None:
+    """Raise unless `keys` is a list (or tuple) of strings of at least MIN_API_KEY_LENGTH characters.
+    Messages name the position, never the key."""
+    if isinstance(keys, (str, bytes)) or not isinstance(keys, (list, tuple)):
+        raise TypeError(
+            f"api_keys must be a list of keys, not a {type(keys).__name__} "
+            "(a string would be taken as one-character keys)"
+        )
+    for i, key in enumerate(keys):
+        if not isinstance(key, str):
+            raise TypeError(f"api_keys[{i}] is a {type(key).__name__}, not a string")
+        if len(key) < MIN_API_KEY_LENGTH:
+            raise ValueError(
+                f"api_keys[{i}] is shorter than {MIN_API_KEY_LENGTH} characters (the key is not shown)"
+            )
 
 
 class ApiKeyChecker:
     """Accepts any of the configured keys. With no keys configured, everything is open."""
 
     def __init__(self, keys: Iterable[str], metrics_require_auth: bool = False):
+        keys = list(keys) if not isinstance(keys, (str, bytes)) else keys
+        check_api_keys(keys)
         # Compare fixed-length digests so neither a key's length nor its content leaks through timing.
         self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
         self.metrics_require_auth = metrics_require_auth

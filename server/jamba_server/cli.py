@@ -73,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         http="httptools",
         access_log=False,
         timeout_keep_alive=settings.timeout_keep_alive,
+        limit_concurrency=settings.limit_concurrency,
     )
     server = DrainingServer(config)
     # uvicorn re-raises the signal it stopped on once it has shut down; a drained SIGTERM/SIGINT

@@ -228,8 +228,11 @@ class EngineAdapter:
         try:
             async with aclosing(self.engine.generate(prompt, params, request_id)) as stream:
                 async for output in stream:
-                    if any(o.finish_reason == "abort" for o in output.outputs):
-                        raise self._abort_error(self._active.get(request_id))
+                    # An abort can come before vLLM has registered the request (its first add_request
+                    # asks the engine core for its tasks), and then vLLM drops it: our own mark ends it.
+                    cause = self._active.get(request_id)
+                    if cause is not None or any(o.finish_reason == "abort" for o in output.outputs):
+                        raise self._abort_error(cause)
                     yield EngineStep(
                         choices=tuple(_choice_delta(o, want) for o in output.outputs),
                         prompt_tokens=len(output.prompt_token_ids or prompt_token_ids),

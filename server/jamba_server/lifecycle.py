@@ -58,21 +58,51 @@ def sse_events(payloads: list[str]) -> bytes:
 
 
 class TrackedStreamingResponse(StreamingResponse):
-    """A streaming response that runs `on_close` however the stream ends (done, error, disconnect)."""
+    """A streaming response that runs `on_close(cause)` however the stream ends: cause None when it
+    was sent whole, else the abort cause (`client_disconnect`, `slow_client`, `deadline`).
 
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]):
+    A client that stops reading must not hold its admission slot while the engine generates into
+    memory: a write the client does not accept within `write_timeout` seconds, or by the request's
+    deadline, ends the stream and its engine request (uvicorn itself waits on a full socket forever).
+    """
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        on_close: Callable[[str | None], None],
+        write_timeout: float,
+        deadline: float | None,
+    ):
         super().__init__(
             content,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
         self._on_close = on_close
+        self._write_timeout = write_timeout
+        self._deadline = deadline
+        self.sent_whole = False
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        loop = asyncio.get_running_loop()
+        cause: str | None = "client_disconnect"
+
+        async def send_within(message: Any) -> None:
+            limit = loop.time() + self._write_timeout
+            async with asyncio.timeout_at(limit if self._deadline is None else min(limit, self._deadline)):
+                await send(message)
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_within)
+            if self.sent_whole:
+                cause = None
+        except TimeoutError:
+            past_deadline = self._deadline is not None and loop.time() >= self._deadline
+            cause = "deadline" if past_deadline else "slow_client"
+            logger.warning("stream cut: the client did not accept data (%s)", cause)
         finally:
-            self._on_close()
+            await self.body_iterator.aclose()  # ends the engine request now, not at garbage collection
+            self._on_close(cause)
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -145,25 +175,28 @@ class ServerState:
             )
 
     def deadline(self, request: Request) -> float | None:
+        """The request's deadline: X-Request-Timeout can shorten the operator's `request_timeout`,
+        never extend it."""
         raw = request.headers.get(TIMEOUT_HEADER)
         timeout = self.settings.request_timeout
         if raw is not None:
             try:
-                timeout = float(raw)
+                asked = float(raw)
             except ValueError:
-                timeout = -1.0
-            if not 0 < timeout < 1e7:
+                asked = -1.0
+            if not 0 < asked < 1e7:
                 raise InvalidRequestError(
                     "X-Request-Timeout must be a positive number of seconds", param="X-Request-Timeout"
                 )
+            timeout = asked if timeout is None else min(asked, timeout)
         return None if timeout is None else asyncio.get_running_loop().time() + timeout
 
     # -------------------------------------------------------------- running requests
 
-    async def _admit(self, tokens: int, deadline: float | None) -> Ticket:
+    async def _admit(self, tokens: int, sequences: int, deadline: float | None) -> Ticket:
         try:
             async with asyncio.timeout_at(deadline):
-                return await self.admission.acquire(tokens)
+                return await self.admission.acquire(tokens, sequences)
         except TimeoutError:
             ABORTED.labels("deadline").inc()
             raise RequestTimeoutError("The request timed out waiting for capacity.") from None
@@ -185,7 +218,7 @@ class ServerState:
         deadline = self.deadline(request)
 
         async def run() -> None:
-            ticket = await self._admit(self._budget(prompt_ids, spec), deadline)
+            ticket = await self._admit(self._budget(prompt_ids, spec), spec.n, deadline)
             metrics.admitted()
             try:
                 async with aclosing(self.adapter.generate(prompt_ids, spec, request_id, deadline)) as steps:
@@ -217,7 +250,7 @@ class ServerState:
         deadline = self.deadline(request)
 
         async def start() -> tuple[Ticket, AsyncIterator[EngineStep], EngineStep | None]:
-            ticket = await self._admit(self._budget(prompt_ids, spec), deadline)
+            ticket = await self._admit(self._budget(prompt_ids, spec), spec.n, deadline)
             metrics.admitted()
             steps = self.adapter.generate(prompt_ids, spec, request_id, deadline)
             try:
@@ -231,10 +264,8 @@ class ServerState:
             return ticket, steps, first
 
         ticket, steps, first = await until_disconnect(request, start())
-        completed = False
 
         async def events() -> AsyncIterator[bytes]:
-            nonlocal completed
             pending = [opening] if opening is not None else []
             try:
                 step = first
@@ -255,15 +286,18 @@ class ServerState:
                 await steps.aclose()
             if on_finish is not None:
                 on_finish()  # before the last write, which emits the access-log line
-            completed = True
+            response.sent_whole = True
             yield sse_events(pending) + _SSE_DONE
 
-        def closed() -> None:
-            if not completed:
-                ABORTED.labels("client_disconnect").inc()
+        def closed(cause: str | None) -> None:
+            if cause is not None:
+                ABORTED.labels(cause).inc()
             ticket.issuer.release(ticket)
 
-        return TrackedStreamingResponse(events(), on_close=closed)
+        response = TrackedStreamingResponse(
+            events(), on_close=closed, write_timeout=self.settings.stream_write_timeout, deadline=deadline
+        )
+        return response
 
     # -------------------------------------------------------------- shutdown
 

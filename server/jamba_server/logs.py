@@ -4,10 +4,38 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 
 from pythonjsonlogger.json import JsonFormatter
 
 ACCESS_LOGGER = "jamba_server.access"
+# A logged traceback keeps at most this many characters: a RecursionError's runs to ~150 KB.
+MAX_TRACEBACK_CHARS = 8192
+
+
+def bounded_traceback(exc: BaseException, max_chars: int = MAX_TRACEBACK_CHARS) -> str:
+    """`exc`'s traceback (its causes included) in at most about `max_chars`: whole lines from its
+    start (where the request entered) and from its end (where it failed, and the error)."""
+    lines = traceback.format_exception(exc)
+    total = sum(map(len, lines))
+    if total <= max_chars:
+        return "".join(lines)
+    head: list[str] = []
+    tail: list[str] = []
+    room = max_chars // 4
+    for line in lines:
+        if len(line) > room:
+            break
+        head.append(line)
+        room -= len(line)
+    room = max_chars - max_chars // 4
+    for line in reversed(lines[len(head) :]):
+        if len(line) > room:
+            break
+        tail.append(line)
+        room -= len(line)
+    omitted = total - sum(map(len, head)) - sum(map(len, tail))
+    return "".join(head) + f"  ... [{omitted} characters omitted] ...\n" + "".join(reversed(tail))
 
 
 def configure_logging(level: str, fmt: str) -> None:

@@ -56,7 +56,7 @@ REJECTED = Counter(
 )  # reasons: overloaded (429), draining (503), too_large (413), unauthorized (401)
 ABORTED = Counter(
     "jamba_requests_aborted_total", "Engine requests aborted, by cause.", ["cause"]
-)  # causes: client_disconnect, deadline, shutdown
+)  # causes: client_disconnect, slow_client, deadline, shutdown
 
 # ---- Jamba semantics
 TOOL_CALL_PARSES = Counter(
@@ -69,7 +69,7 @@ JSON_PARSE_FAILURES = Counter(
 
 for _labels in (("overloaded",), ("draining",), ("too_large",), ("unauthorized",)):
     REJECTED.labels(*_labels)
-for _cause in ("client_disconnect", "deadline", "shutdown"):
+for _cause in ("client_disconnect", "slow_client", "deadline", "shutdown"):
     ABORTED.labels(_cause)
 for _outcome in ("parsed", "fell_back"):
     TOOL_CALL_PARSES.labels(_outcome)

@@ -1,5 +1,6 @@
 """One ASGI middleware for what every HTTP request shares: request id, body-size limit, API-key
-check, and one structured access-log line when the response has been sent (streams included)."""
+check, one structured access-log line when the response has been sent (streams included), and the
+last resort for an exception no handler mapped (a 500 with the request id, its traceback logged once)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from typing import Any, Awaitable, Callable
 from starlette.exceptions import HTTPException
 
 from jamba_server.auth import ApiKeyChecker
-from jamba_server.errors import APIError, AuthenticationError, RequestTooLargeError
-from jamba_server.logs import ACCESS_LOGGER
+from jamba_server.errors import APIError, AuthenticationError, InternalServerError, RequestTooLargeError
+from jamba_server.logs import ACCESS_LOGGER, bounded_traceback
 from jamba_server.metrics import HTTP_DURATION, HTTP_IN_FLIGHT, HTTP_REQUESTS, record_rejection
 
 Scope = dict[str, Any]
@@ -22,6 +23,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 access_log = logging.getLogger(ACCESS_LOGGER)
+logger = logging.getLogger(__name__)
 _MAX_REQUEST_ID = 128
 ROUTES = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/health", "/ready",
@@ -105,9 +107,26 @@ class RequestContextMiddleware:
         HTTP_IN_FLIGHT.inc()
         try:
             await self.app(scope, receive_limited, send_wrapper)
+        except Exception as exc:  # noqa: BLE001 - the last resort: an exception no handler mapped
+            # Handled here, inside this middleware, so the 500 carries the request id and is counted
+            # as one; not re-raised, so neither Starlette nor uvicorn logs the traceback again.
+            info["error"] = type(exc).__name__
+            logger.error(
+                "unhandled %s in %s %s (request %s)\n%s",
+                type(exc).__name__, scope["method"], scope["path"], request_id, bounded_traceback(exc),
+            )  # fmt: skip
+            try:
+                if not status["code"]:
+                    await self._send_error(
+                        InternalServerError("The server had an error while processing your request."), send_wrapper
+                    )
+            finally:
+                # Counted as a 500 also when the response had started (a stream cut short);
+                # uvicorn then closes the connection.
+                self._finish(scope, info, 500, started)
         finally:
             HTTP_IN_FLIGHT.dec()
-            if not info.get("_finished"):  # the app raised, or the client left before the end
+            if not info.get("_finished"):  # the client left before the end (the task was cancelled)
                 self._finish(scope, info, status["code"] or 499, started)
 
     def _too_large(self) -> RequestTooLargeError:

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from jamba_server.auth import MIN_API_KEY_LENGTH, check_api_keys
 
 ENV_PREFIX = "JAMBA_"
 DEFAULT_TEMPLATE = Path(__file__).parent / "templates" / "jamba-1.5.jinja"
@@ -22,7 +24,9 @@ class SettingsError(ValueError):
 
 
 class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Inputs stay out of validation errors: a rejected API key must not reach a log. load_settings
+    # words its own errors and shows the value only for settings that are not secret.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
 
     # Engine (vLLM names)
     model: str
@@ -56,13 +60,20 @@ class Settings(BaseModel):
     # any proxy in front (ALB 60 s, nginx upstream 60 s): a proxy or pooled client that reuses a
     # connection the server has just closed gets a reset (uvicorn's and vLLM's default is 5 s).
     timeout_keep_alive: int = Field(75, ge=1)
+    # Open connections (idle ones included) beyond this get uvicorn's plain 503: a bound on what
+    # clients that connect and never send, or never read, can hold. Put a proxy's own limits in front.
+    limit_concurrency: int | None = Field(4096, ge=1)
+    # A stream whose client accepts no data for this long is cut and its engine request aborted, so a
+    # client that stops reading cannot keep an admission slot.
+    stream_write_timeout: float = Field(30.0, gt=0)
 
     # Admission control (see admission.py)
-    max_concurrent_requests: int | None = Field(None, ge=1)  # engine slots; default max_num_seqs
+    # Engine slots, in sequences (a request with n choices takes n); default the engine's max_num_seqs.
+    max_concurrent_requests: int | None = Field(None, ge=1)
     max_queued_requests: int = Field(256, ge=0)
     max_tokens_in_flight: int | None = Field(None, ge=1)  # prompt + max_tokens of running requests
     retry_after_seconds: int = Field(1, ge=1)
-    request_timeout: float | None = Field(None, gt=0)  # seconds; header X-Request-Timeout overrides
+    request_timeout: float | None = Field(None, gt=0)  # seconds; header X-Request-Timeout may shorten it
     drain_timeout: float = Field(30.0, ge=0)
 
     # Request limits
@@ -77,9 +88,19 @@ class Settings(BaseModel):
     max_documents: int = Field(512, ge=0)
     max_document_chars: int = Field(4_000_000, ge=1)  # total text over all documents
 
-    # Auth
-    api_keys: list[str] = Field(default_factory=list)
+    # Auth: a list of keys of at least MIN_API_KEY_LENGTH characters (never a string, which would
+    # iterate as one-character keys); empty means an open server.
+    api_keys: list[str] = Field(default_factory=list, repr=False)
     metrics_require_auth: bool = False
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _api_keys_are_a_list_of_long_keys(cls, value: Any) -> Any:
+        try:
+            check_api_keys(value)
+        except TypeError as exc:  # pydantic reports ValueErrors; a TypeError would escape it
+            raise ValueError(str(exc)) from None
+        return value
 
     @property
     def public_model_name(self) -> str:
@@ -149,6 +170,8 @@ _SCALAR_FIELDS: dict[str, Any] = {
     "log_format": str,
     "log_request_content": bool,
     "timeout_keep_alive": int,
+    "limit_concurrency": int,
+    "stream_write_timeout": float,
     "max_concurrent_requests": int,
     "max_queued_requests": int,
     "max_tokens_in_flight": int,
@@ -185,12 +208,60 @@ def _parse_key_value(item: str) -> tuple[str, Any]:
     return key.strip().replace("-", "_"), yaml.safe_load(raw)
 
 
-def _read_key_file(path: str) -> list[str]:
+def _read_key_file(path: str) -> list[tuple[str, str]]:
+    """(key, where it came from) for each key line; a file given but without keys is an error, so
+    an empty Secret cannot leave the server open."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise SettingsError(f"cannot read API key file {path}: {exc}") from exc
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    keys = [
+        (line.strip(), f"API key file {path}, line {number}")
+        for number, line in enumerate(lines, 1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if not keys:
+        raise SettingsError(f"api_keys: the API key file {path} holds no key (one key per line)")
+    return keys
+
+
+def _preset_api_keys(value: Any, config_path: str | None) -> list[tuple[str, str]]:
+    """`api_keys` of a preset: a YAML list of strings. A string would iterate as one-character keys."""
+    where = f"config {config_path}" if config_path else "settings"
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise SettingsError(
+            f"api_keys in {where} must be a list of keys (api_keys: [KEY, ...]), "
+            f"not a {type(value).__name__}; the value is not shown"
+        )
+    return [(key, f"{where}, api_keys[{i}]") for i, key in enumerate(value)]
+
+
+def _check_key_sources(keys: list[tuple[Any, str]]) -> None:
+    """Refuse, naming the field and where the key came from but never the key itself."""
+    for key, source in keys:
+        if not isinstance(key, str):
+            raise SettingsError(f"api_keys: the key from {source} is a {type(key).__name__}, not a string")
+        if len(key) < MIN_API_KEY_LENGTH:
+            raise SettingsError(
+                f"api_keys: the key from {source} is shorter than {MIN_API_KEY_LENGTH} characters "
+                "(the key is not shown); use a long random key, e.g. `openssl rand -hex 32`"
+            )
+
+
+# Settings whose values may appear in an error message: the scalars (not api_keys, env, engine_args).
+_SHOWN_IN_ERRORS = frozenset(_SCALAR_FIELDS)
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = [f"{exc.error_count()} invalid setting(s):"]
+    for error in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in error["loc"]) or "settings"
+        shown = error["loc"] and error["loc"][0] in _SHOWN_IN_ERRORS and error["type"] != "extra_forbidden"
+        suffix = f" (got {error['input']!r})" if shown and "input" in error else ""
+        lines.append(f"  {field}: {error['msg']}{suffix}")
+    return "\n".join(lines)
 
 
 def load_preset(path: str | Path) -> dict[str, Any]:
@@ -258,17 +329,19 @@ def load_settings(
         engine_args = dict(values.get("engine_args") or {})
         engine_args.update(_parse_key_value(item) for item in args.engine_arg)
         values["engine_args"] = engine_args
-    keys = list(values.get("api_keys") or [])
-    keys += [k.strip() for k in environ.get(ENV_PREFIX + "API_KEYS", "").split(",") if k.strip()]
+    keys = _preset_api_keys(values.pop("api_keys", None), config_path)
+    env_keys = environ.get(ENV_PREFIX + "API_KEYS", "").split(",")
+    keys += [(k.strip(), f"{ENV_PREFIX}API_KEYS, item {i}") for i, k in enumerate(env_keys, 1) if k.strip()]
     key_file = args.api_key_file or environ.get(ENV_PREFIX + "API_KEY_FILE")
     if key_file:
         keys += _read_key_file(key_file)
-    keys += args.api_key
+    keys += [(k, f"--api-key #{i}") for i, k in enumerate(args.api_key, 1)]
+    _check_key_sources(keys)
     if keys:
-        values["api_keys"] = keys
+        values["api_keys"] = [key for key, _ in keys]
     if "model" not in values:
         raise SettingsError("no model: give --config PRESET or --model")
     try:
         return Settings(**values)
     except ValidationError as exc:
-        raise SettingsError(str(exc)) from exc
+        raise SettingsError(_describe(exc)) from exc

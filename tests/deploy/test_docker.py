@@ -1,8 +1,10 @@
 """docker/: both Dockerfiles (hadolint and conventions), the entrypoint, and compose with its
-Prometheus and Grafana files, all checked offline (no Docker daemon here)."""
+Prometheus and Grafana files, all checked offline (no Docker daemon here). Compose is closed by
+default: every published port on loopback, no default Grafana login."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -240,7 +242,7 @@ def test_one_server_per_profile_behind_one_name():
     for server in by_profile.values():
         assert (DOCKER / server["build"]["context"]).resolve() == REPO
         assert server["networks"]["default"]["aliases"] == ["jamba-server"]
-        assert server["ports"] == ["8000:8000"]
+        assert server["ports"] == ["127.0.0.1:8000:8000"]
     # One init each: Docker's for the CPU image, the GPU image's own tini (a second would nest).
     assert by_profile["cpu"]["init"] is True and by_profile["gpu"]["init"] is False
     # Monitoring starts with either profile.
@@ -311,7 +313,7 @@ def test_grafana_provisions_prometheus_and_the_repo_dashboard():
     sources = [d for f in (provisioning / "datasources").glob("*.yaml") for d in yaml.safe_load(f.read_text())["datasources"]]
     assert len(sources) == 1 and sources[0]["type"] == "prometheus" and sources[0]["isDefault"] is True
     assert sources[0]["url"] == "http://prometheus:9090"
-    assert "9090:9090" in compose()["services"]["prometheus"]["ports"]
+    assert "127.0.0.1:9090:9090" in compose()["services"]["prometheus"]["ports"]
     # The dashboard picks its datasource through a `datasource` variable of type prometheus.
     dashboard = json.loads(DASHBOARD.read_text())
     variable = next(v for v in dashboard["templating"]["list"] if v["type"] == "datasource")
@@ -321,3 +323,83 @@ def test_grafana_provisions_prometheus_and_the_repo_dashboard():
     folder = providers[0]["options"]["path"].rstrip("/")
     provided = [source for target, source in mounts.items() if target.startswith(folder + "/")]
     assert provided == [DASHBOARD]
+
+
+# --- compose: closed by default ----------------------------------------------------------------
+
+LOOPBACK = {"127.0.0.1", "::1"}
+
+
+def _host_address(port: str | int | dict) -> str | None:
+    """The host address a published port binds (None: every interface). Short syntax
+    `[IP:][HOST:]CONTAINER[/PROTO]` (IPv6 in brackets), or the long syntax's host_ip."""
+    if isinstance(port, dict):
+        return port.get("host_ip")
+    text = str(port).split("/", 1)[0]
+    if text.startswith("["):
+        return text[1 : text.index("]")]
+    parts = text.split(":")
+    return parts[0] if len(parts) == 3 else None
+
+
+def _environment(service: dict) -> dict[str, str | None]:
+    environment = service.get("environment") or {}
+    if isinstance(environment, list):
+        return dict((item.split("=", 1) + [None])[:2] for item in environment)
+    return environment
+
+
+def compose_problems(doc: dict) -> list[str]:
+    """What in a compose file is open by default (empty when nothing is)."""
+    out = []
+    for name, service in doc["services"].items():
+        for port in service.get("ports", []):
+            address = _host_address(port)
+            if address not in LOOPBACK:
+                out.append(f"{name}: port {port} is published on {address or 'every interface'}, not 127.0.0.1")
+    grafana = _environment(doc["services"]["grafana"])
+    password = grafana.get("GF_SECURITY_ADMIN_PASSWORD")
+    # Only `${VAR:?message}`: required from the environment, no default (`:-admin`), never empty.
+    if not (isinstance(password, str) and re.fullmatch(r"\$\{[A-Za-z_]\w*:\?[^}]*\}", password)):
+        out.append(f"grafana: the admin password is not required from the environment ({password!r}; "
+                   "without one Grafana's login is admin/admin)")  # fmt: skip
+    if str(grafana.get("GF_AUTH_ANONYMOUS_ENABLED", "false")).lower() == "true":
+        out.append("grafana: anonymous access is enabled")
+    return out
+
+
+def test_compose_is_closed_by_default():
+    assert compose_problems(compose()) == []
+    assert compose()["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"].startswith(
+        "${GRAFANA_ADMIN_PASSWORD:?"
+    )
+
+
+def _grafana_env(doc: dict) -> dict:
+    return doc["services"]["grafana"]["environment"]
+
+
+OPEN_COMPOSE = [
+    ("server on every interface", lambda d: d["services"]["jamba-server-cpu"].update(ports=["8000:8000"]),
+     "jamba-server-cpu: port 8000:8000 is published on every interface"),
+    ("Grafana on 0.0.0.0", lambda d: d["services"]["grafana"].update(ports=["0.0.0.0:3000:3000"]), "on 0.0.0.0"),
+    ("Prometheus, long syntax without host_ip", lambda d: d["services"]["prometheus"].update(
+        ports=[{"target": 9090, "published": "9090"}]), "prometheus: port"),
+    ("container port only", lambda d: d["services"]["prometheus"].update(ports=["9090"]), "every interface"),
+    ("IPv6 any", lambda d: d["services"]["grafana"].update(ports=["[::]:3000:3000"]), "published on ::"),
+    ("no Grafana password", lambda d: d["services"]["grafana"].pop("environment"), "admin/admin"),
+    ("Grafana password admin", lambda d: _grafana_env(d).update(GF_SECURITY_ADMIN_PASSWORD="admin"), "admin/admin"),
+    ("Grafana password defaulting to admin", lambda d: _grafana_env(d).update(
+        GF_SECURITY_ADMIN_PASSWORD="${GRAFANA_ADMIN_PASSWORD:-admin}"), "admin/admin"),
+    ("Grafana password possibly empty", lambda d: _grafana_env(d).update(
+        GF_SECURITY_ADMIN_PASSWORD="${GRAFANA_ADMIN_PASSWORD}"), "admin/admin"),
+    ("anonymous Grafana", lambda d: _grafana_env(d).update(GF_AUTH_ANONYMOUS_ENABLED="true"), "anonymous"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("what,mutate,expected", OPEN_COMPOSE, ids=[case[0] for case in OPEN_COMPOSE])
+def test_compose_checks_catch_open_copies(what, mutate, expected):
+    doc = copy.deepcopy(compose())
+    mutate(doc)
+    found = compose_problems(doc)
+    assert any(expected in problem for problem in found), found

@@ -5,6 +5,9 @@
 2. Each target agrees with its preset and with the container contract: GPUs = TP x PP, no
    contradicting flags or env, probes on /health and /ready, grace period above the drain, /dev/shm
    in memory, the model cache on a shared PVC, selectors that select, a queue metric that exists.
+3. Nothing is open by default: the server takes its API keys from a Secret (never a value in the
+   manifest), caps max_tokens, and a multi-node group runs Ray with token authentication from a
+   Secret behind a NetworkPolicy.
 
 Deliberately broken copies (a wrong field, a contradicting flag, a mismatched selector, ...) show
 that validation and the main consistency checks can fail.
@@ -56,6 +59,11 @@ MIN_STARTUP_S = {"ai21labs/AI21-Jamba-1.5-Mini": 30 * 60, "ai21labs/AI21-Jamba-1
 # Settings a manifest must not change relative to its preset (through env or flags).
 PINNED = ("model", "revision", "served_model_name", "dtype", "quantization", "max_model_len",
           "tensor_parallel_size", "pipeline_parallel_size", "engine_args")  # fmt: skip
+# Secrets the operator creates (README, "Security model"); the manifests only reference them.
+API_KEY_SECRET = "jamba-api-keys"
+RAY_TOKEN_SECRET = "jamba-ray-token"
+MIN_RAY_FOR_TOKEN_AUTH = (2, 52, 0)  # RAY_AUTH_MODE=token appeared in Ray 2.52.0
+CONSTRAINTS_GPU = REPO / "docker" / "constraints-gpu.txt"
 
 TARGETS = sorted(p.name for p in K8S.iterdir() if p.is_dir() and p.name != "schemas")
 
@@ -216,7 +224,48 @@ def effective_settings(container: dict[str, Any]) -> tuple[Settings, Settings]:
     if not Path(preset_path).is_file():
         raise ValueError(f"preset {Path(preset_path).relative_to(REPO)} does not exist")
     base = load_settings(["--config", preset_path], environ={})
-    return base, load_settings(local, environ=_plain_env(container))
+    # The API key file exists in the pod only (a mounted Secret): _api_keys_from_secret checks it.
+    environ = {k: v for k, v in _plain_env(container).items() if k != "JAMBA_API_KEY_FILE"}
+    if "--api-key-file" in local:
+        del local[local.index("--api-key-file") : local.index("--api-key-file") + 2]
+    return base, load_settings(local, environ=environ)
+
+
+def _secret_ref(var: dict[str, Any]) -> dict[str, Any] | None:
+    """The secretKeyRef of an env var that takes its value from a (required) Secret, else None."""
+    ref = var.get("valueFrom", {}).get("secretKeyRef")
+    if "value" in var or not ref or ref.get("optional") or not ref.get("name") or not ref.get("key"):
+        return None
+    return ref
+
+
+def _api_keys_from_secret(pod: dict[str, Any], container: dict[str, Any]) -> str | None:
+    """The Secret the server's API keys come from: a key file on a mounted Secret volume
+    (JAMBA_API_KEY_FILE or --api-key-file), or JAMBA_API_KEYS from a secretKeyRef. None otherwise,
+    including a Secret marked optional (a pod without it would start with an open server)."""
+    env = _env(container)
+    ref = _secret_ref(env.get("JAMBA_API_KEYS", {}))
+    if ref:
+        return ref["name"]
+    path = _flag_value(server_argv(container), "--api-key-file") or _plain_env(container).get("JAMBA_API_KEY_FILE")
+    if not path:
+        return None
+    volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        directory = mount["mountPath"].rstrip("/") + "/"
+        secret = volumes.get(mount["name"], {}).get("secret")
+        if not path.startswith(directory) or not secret or secret.get("optional"):
+            continue
+        files = [item["path"] for item in secret.get("items", [])]
+        if (not files or path[len(directory) :] in files) and secret.get("secretName"):
+            return secret["secretName"]
+    return None
+
+
+def _ray_containers(pods: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every container of a multi-node group: each runs Ray (the head, a worker, `ray health-check`)."""
+    return [(f"{role}/{c['name']}", c) for role, pod in pods.items()
+            for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]]  # fmt: skip
 
 
 def problems(target: str, docs: list[dict[str, Any]]) -> list[str]:
@@ -270,6 +319,17 @@ def _problems(target: str, docs: list[dict[str, Any]]) -> list[str]:
         check(getattr(eff, field) == getattr(base, field),
               f"{field} is {getattr(eff, field)!r} in the manifest but {getattr(base, field)!r} in the preset")  # fmt: skip
     check(eff.port == PORT and eff.host == "0.0.0.0", f"server listens on {eff.host}:{eff.port}, not 0.0.0.0:{PORT}")
+
+    # Not open by default: API keys from the operator's Secret, no key in the manifest, a max_tokens cap.
+    check(_api_keys_from_secret(pods["server"], server) == API_KEY_SECRET,
+          f"the server takes no API key from the Secret {API_KEY_SECRET} (a mounted key file or a "
+          f"secretKeyRef): it would serve without authentication")  # fmt: skip
+    argv = server_argv(server)
+    check("value" not in env.get("JAMBA_API_KEYS", {}) and not any(a == "--api-key" or a.startswith("--api-key=") for a in argv),
+          "an API key is written in the manifest (JAMBA_API_KEYS value or --api-key): use the Secret")  # fmt: skip
+    check(eff.max_tokens_limit is not None and eff.max_tokens_limit < (eff.max_model_len or 0),
+          f"max_tokens_limit is {eff.max_tokens_limit}: a request without max_tokens may decode the whole "
+          f"context ({eff.max_model_len})")  # fmt: skip
 
     # GPUs: one pipeline stage of TP GPUs per pod, TP x PP GPUs per replica (pod or LWS group).
     tp, pp = eff.tensor_parallel_size, eff.pipeline_parallel_size
@@ -414,6 +474,16 @@ def _problems(target: str, docs: list[dict[str, Any]]) -> list[str]:
         policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
         check(any(_guards_ray(policy, pods) for policy in policies),
               "no NetworkPolicy keeps Ray's ports to the deployment's own pods")  # fmt: skip
+        # ... and Ray itself wants a token, the same one everywhere, from the operator's Secret.
+        for name, container in _ray_containers(pods):
+            ray_env = _env(container)
+            ref = _secret_ref(ray_env.get("RAY_AUTH_TOKEN", {})) or {}
+            check(ray_env.get("RAY_AUTH_MODE", {}).get("value") == "token" and ref.get("name") == RAY_TOKEN_SECRET,
+                  f"{name}: Ray token authentication is off (RAY_AUTH_MODE=token and RAY_AUTH_TOKEN from the "
+                  f"Secret {RAY_TOKEN_SECRET} are needed on every Ray process)")  # fmt: skip
+        keys = {(r.get("name"), r.get("key")) for _, c in _ray_containers(pods)
+                for r in [_env(c).get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {})]}  # fmt: skip
+        check(len(keys) == 1, f"the Ray processes of a group use different tokens: {sorted(map(str, keys))}")
 
     # Autoscaling on queue depth.
     scaled = one["ScaledObject"]["spec"]
@@ -540,6 +610,22 @@ def test_target_is_consistent(target):
     assert problems(target, load_docs(target)) == []
 
 
+def test_pinned_ray_has_token_authentication():
+    """The multi-node manifest turns on RAY_AUTH_MODE=token: the image's Ray must know it."""
+    pinned = re.search(r"^ray==([\d.]+)$", CONSTRAINTS_GPU.read_text(), re.M)
+    assert pinned, "docker/constraints-gpu.txt pins no ray"
+    assert tuple(int(p) for p in pinned.group(1).split(".")[:3]) >= MIN_RAY_FOR_TOKEN_AUTH, pinned.group(1)
+
+
+def test_api_keys_may_also_come_from_a_secret_key_ref():
+    docs = copy.deepcopy(load_docs("jamba-1.5-mini-int8"))
+    server = _server(docs)
+    server["env"] = [e for e in server["env"] if e["name"] != "JAMBA_API_KEY_FILE"] + [
+        {"name": "JAMBA_API_KEYS", "valueFrom": {"secretKeyRef": {"name": API_KEY_SECRET, "key": "api-keys"}}}
+    ]
+    assert problems("jamba-1.5-mini-int8", docs) == []
+
+
 def test_jamba_queue_metrics_exist():
     names = exported_metric_names()
     assert {"jamba_requests_queued", "jamba_requests_running", "jamba_http_requests_total"} <= names
@@ -603,6 +689,14 @@ def test_validation_refuses_unknown_kinds():
 
 def _set_env(container, name, value):
     container["env"] = [e for e in container.get("env", []) if e["name"] != name] + [{"name": name, "value": value}]
+
+
+def _env_var(container, name):
+    return next(e for e in container["env"] if e["name"] == name)
+
+
+def _api_volume(docs):
+    return next(v for v in _pod(docs)["spec"]["volumes"] if v["name"] == "api-keys")
 
 
 def _lws_group(docs):
@@ -723,6 +817,27 @@ INCONSISTENT: list[tuple[str, Callable[[list], None], str]] = [
     ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _doc(d, "NetworkPolicy")["spec"]["ingress"][1].pop("ports"), "no NetworkPolicy"),
     ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _doc(d, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"].update(role="leader"),
      "no NetworkPolicy"),
+    # Open by default: no Secret-sourced API key, a key in the manifest, no max_tokens cap, Ray without a token.
+    ("jamba-1.5-mini-int8", lambda d: _server(d).update(env=[e for e in _server(d)["env"] if e["name"] != "JAMBA_API_KEY_FILE"]),
+     "takes no API key from the Secret"),
+    ("jamba-1.5-mini-bf16-tp2", lambda d: _api_volume(d).update(secret=None, emptyDir={}), "takes no API key from the Secret"),
+    ("jamba-1.5-large-int8-tp8", lambda d: _api_volume(d)["secret"].update(optional=True), "takes no API key from the Secret"),
+    ("jamba-1.5-large-int8-tp8", lambda d: _api_volume(d)["secret"].update(secretName="other"), "takes no API key from the Secret"),
+    ("jamba-1.5-mini-int8", lambda d: _set_env(_server(d), "JAMBA_API_KEY_FILE", "/tmp/keys"), "takes no API key from the Secret"),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _server(d)["volumeMounts"].pop(), "takes no API key from the Secret"),
+    ("jamba-1.5-mini-int8", lambda d: _set_env(_server(d), "JAMBA_API_KEYS", "sk-in-the-repo-0123456789abcdef"),
+     "an API key is written in the manifest"),
+    ("jamba-1.5-mini-int8", lambda d: _server(d).update(args=["--api-key", "sk-in-the-repo-0123456789abcdef"]),
+     "an API key is written in the manifest"),
+    ("jamba-1.5-mini-int8", lambda d: _set_env(_server(d), "JAMBA_MAX_TOKENS_LIMIT", "102400"), "max_tokens_limit is 102400"),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _server(d).update(env=[e for e in _server(d)["env"] if e["name"] != "RAY_AUTH_MODE"]),
+     "server/jamba-server: Ray token authentication is off"),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _set_env(_container(_pod(d, "worker")), "RAY_AUTH_TOKEN", "in-the-repo"),
+     "worker/ray-worker: Ray token authentication is off"),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _pod(d, "worker")["spec"]["initContainers"][0].pop("env"),
+     "worker/wait-for-ray-head: Ray token authentication is off"),
+    ("jamba-1.5-large-bf16-tp8-pp2", lambda d: _env_var(_container(_pod(d, "worker")), "RAY_AUTH_TOKEN")["valueFrom"]["secretKeyRef"].update(
+        key="other"), "use different tokens"),
 ]  # fmt: skip
 
 

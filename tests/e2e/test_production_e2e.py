@@ -15,12 +15,12 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests.conftest import MODEL_NAME, start_server, wait_for
 
-KEY = "test-key-1"
+KEY = "test-key-1-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 SLOTS, QUEUE = 4, 4
 FLAGS = [
     "--max-num-seqs", str(SLOTS), "--max-concurrent-requests", str(SLOTS), "--max-queued-requests", str(QUEUE),
-    "--api-key", KEY, "--api-key", "test-key-2", "--retry-after-seconds", "2",
+    "--api-key", KEY, "--api-key", "test-key-2-0123456789abcdef", "--retry-after-seconds", "2",
     "--max-tokens-limit", "256", "--max-body-bytes", "65536",
     "--max-messages", "8", "--max-n", "2", "--max-stop-sequences", "2", "--max-stop-length", "10",
     "--max-tools", "2", "--max-schema-bytes", "512", "--max-documents", "2", "--max-document-chars", "100",
@@ -55,7 +55,7 @@ def test_auth_missing_wrong_right(server):
         assert resp.status_code == 401
         assert resp.json()["error"]["code"] == "invalid_api_key"
         assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
-    for key in (KEY, "test-key-2"):
+    for key in (KEY, "test-key-2-0123456789abcdef"):
         assert httpx.post(url, json=chat_body(), headers={"Authorization": f"Bearer {key}"}, timeout=60).status_code == 200
     for path in ("/health", "/ready", "/metrics"):
         assert httpx.get(server.base_url + path).status_code == 200
@@ -81,6 +81,12 @@ def test_auth_missing_wrong_right(server):
 )
 def test_request_limits(http, fields, status, param):
     resp = http.post("/v1/chat/completions", json=chat_body(**fields))
+    assert resp.status_code == status, resp.text
+    assert resp.json()["error"]["param"] == param
+    if param in ("n", "max_tokens", "stop"):
+        return
+    # /tokenize renders the same prompt, so it obeys the same input limits
+    resp = http.post("/tokenize", json={"model": MODEL_NAME, "messages": MSG, **fields})
     assert resp.status_code == status, resp.text
     assert resp.json()["error"]["param"] == param
 
@@ -118,6 +124,8 @@ def test_burst_gets_only_200s_and_429s(server):
                     await asyncio.wait(requests, timeout=0.05)
                 assert server.metric("jamba_requests_running") == SLOTS, server.request_gauges()
                 assert server.metric("jamba_requests_queued") == QUEUE, server.request_gauges()
+                tokenize = await client.post("/tokenize", json={"model": MODEL_NAME, "messages": MSG})
+                assert tokenize.status_code == 429, "/tokenize passes the same admission gate"
             return await asyncio.gather(*requests)
 
     responses = asyncio.run(fire())
@@ -134,6 +142,35 @@ def test_burst_gets_only_200s_and_429s(server):
         assert body["choices"][0]["finish_reason"] == "length"
         assert body["usage"]["completion_tokens"] == 32
     print(f"burst {burst}: {len(ok)} x 200, {len(rejected)} x 429")
+
+
+def test_choices_count_as_engine_sequences(server):
+    """Two requests with n=2 fill the 4 engine slots (vLLM runs each choice as a sequence); a third
+    request waits in the queue. Sent while the engine is paused, so none can finish meanwhile."""
+
+    async def until(predicate, what):
+        for _ in range(600):
+            if predicate():
+                return
+            await asyncio.sleep(0.05)
+        pytest.fail(f"{what}: {server.request_gauges()}")
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=server.base_url, headers=AUTH, timeout=300) as client:
+            with server.engine_paused():
+                pairs = [
+                    asyncio.create_task(client.post("/v1/chat/completions", json=chat_body(n=2, max_tokens=8, ignore_eos=True)))
+                    for _ in range(2)
+                ]
+                await until(lambda: server.metric("jamba_requests_running") == 2, "the two n=2 requests admitted")
+                single = asyncio.create_task(client.post("/v1/chat/completions", json=chat_body(max_tokens=8)))
+                await until(lambda: server.metric("jamba_requests_queued") == 1, "the third request queued")
+                assert server.metric("jamba_requests_running") == 2, server.request_gauges()
+            return await asyncio.gather(*pairs, single)
+
+    responses = asyncio.run(fire())
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert [len(r.json()["choices"]) for r in responses] == [2, 2, 1]
 
 
 def _get_health(sock: socket.socket, port: int) -> bytes:
@@ -170,7 +207,7 @@ def test_request_id_is_echoed_or_generated(http):
 
 def test_logs_are_json_and_hold_no_content(server, http):
     secret = "zebra-secret-prompt-text"
-    http.post("/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": secret}]), headers={"X-Request-ID": "log-check"})
+    http.post("/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": secret}], ignore_eos=True), headers={"X-Request-ID": "log-check"})
     # the access line is written once the response has gone out
     wait_for(lambda: "log-check" in server.access_log(), 10, "the access-log line")
     entry = server.access_log()["log-check"]

@@ -96,3 +96,34 @@ def test_drain_begun_while_loading_survives_the_engine_start():
         refused = client.get("/ready")
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "shutting_down"
+
+
+class EngineWithABug(EngineStartOnly):
+    """`/v1/models` reads `max_model_len`; here that raises, as a bug in a route would."""
+
+    @property
+    def max_model_len(self) -> int:
+        raise RuntimeError("a bug")
+
+
+def test_unhandled_error_is_a_500_with_request_id_counted_as_500():
+    from prometheus_client import REGISTRY
+
+    def count(status: str) -> float:
+        labels = {"route": "/v1/models", "method": "GET", "status": status, "model": ""}
+        return REGISTRY.get_sample_value("jamba_http_requests_total", labels) or 0.0
+
+    app = create_app(Settings(model="m"), EngineWithABug())
+    before_500, before_499 = count("500"), count("499")
+    with TestClient(app, raise_server_exceptions=False) as client:
+        resp = client.get("/v1/models", headers={"x-request-id": "bug-1"})
+    gc.unfreeze()
+    assert resp.status_code == 500
+    assert resp.headers.get("x-request-id") == "bug-1"
+    assert resp.json()["error"] == {
+        "message": "The server had an error while processing your request.",
+        "type": "server_error",
+        "param": None,
+        "code": "internal_error",
+    }
+    assert (count("500"), count("499")) == (before_500 + 1, before_499)

@@ -1,5 +1,11 @@
-"""The CPU plugin's Mamba1 kernels: self-consistency (prefill vs decode, varlen vs separate)."""
+"""The CPU plugin: its Mamba1 kernels' self-consistency (prefill vs decode, varlen vs separate), its
+rewind of seeded generators, and what `register()` installs."""
 
+import inspect
+import sys
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
 
@@ -90,7 +96,21 @@ def test_decode_skips_null_slot_padding():
     assert not torch.equal(states[2], before[2])
 
 
-def test_register_is_inert_off_cpu(monkeypatch):
+@pytest.fixture
+def runner_class(monkeypatch):
+    """vLLM's CPU model runner class, its patchable attributes restored after the test, and an
+    import-hook list of the test's own."""
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    for name in ("_sample", "_bookkeeping_sync"):
+        monkeypatch.setattr(CPUModelRunner, name, getattr(CPUModelRunner, name))
+    monkeypatch.setattr(CPUModelRunner, "_jamba_seeded_rewind", False, raising=False)
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    monkeypatch.setattr(cpu_plugin, "_PATCHED", False)
+    return CPUModelRunner
+
+
+def test_register_is_inert_off_cpu(monkeypatch, runner_class):
     from vllm.model_executor.layers.mamba import mamba_mixer
     from vllm.platforms import current_platform
 
@@ -99,15 +119,17 @@ def test_register_is_inert_off_cpu(monkeypatch):
         mamba_mixer.selective_state_update,
         mamba_mixer.MambaMixer.__init__,
     )
-    monkeypatch.setattr(cpu_plugin, "_PATCHED", False)
+    sample, bookkeeping, hooks = runner_class._sample, runner_class._bookkeeping_sync, list(sys.meta_path)
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: False)
     cpu_plugin.register()
     assert mamba_mixer.selective_scan_fn is scan
     assert mamba_mixer.selective_state_update is update
     assert mamba_mixer.MambaMixer.__init__ is init
+    assert (runner_class._sample, runner_class._bookkeeping_sync) == (sample, bookkeeping)
+    assert sys.meta_path == hooks
 
 
-def test_register_installs_kernels_on_cpu(monkeypatch):
+def test_register_installs_kernels_and_rewind_on_cpu(monkeypatch, runner_class):
     from vllm.model_executor.layers.mamba import mamba_mixer
     from vllm.platforms import current_platform
 
@@ -116,7 +138,158 @@ def test_register_installs_kernels_on_cpu(monkeypatch):
     for name in ("selective_scan_fn", "selective_state_update"):
         monkeypatch.setattr(mamba_mixer, name, getattr(mamba_mixer, name))
     monkeypatch.setattr(mamba_mixer.MambaMixer, "__init__", mamba_mixer.MambaMixer.__init__)
-    monkeypatch.setattr(cpu_plugin, "_PATCHED", False)
+    sample, bookkeeping = runner_class._sample, runner_class._bookkeeping_sync
     cpu_plugin.register()
     assert mamba_mixer.selective_scan_fn is cpu_plugin.selective_scan_reference
     assert mamba_mixer.selective_state_update is cpu_plugin.selective_state_update_reference
+    # The runner module is loaded here, so it is patched at once; each method wrapped once.
+    monkeypatch.setattr(cpu_plugin, "_PATCHED", False)
+    cpu_plugin.register()
+    assert runner_class._sample.__wrapped__ is sample
+    assert runner_class._bookkeeping_sync.__wrapped__ is bookkeeping
+
+
+# ---- seeded generators: vLLM's rewind of a discarded sample
+
+
+def test_vllm_rewinds_where_the_patch_expects():
+    """The patch relies on vLLM 0.32's model runner: one offset rewind, in `_bookkeeping_sync`, over
+    the generators of the rows in `discard_request_mask`, after `_sample` in the same step, and a
+    CPU runner that inherits both methods. Check this again when the vLLM pin moves."""
+    from vllm.v1.worker import cpu_model_runner, gpu_model_runner
+
+    runner = gpu_model_runner.GPUModelRunner
+    assert inspect.getsource(gpu_model_runner).count("set_offset(") == 1
+    bookkeeping = inspect.getsource(runner._bookkeeping_sync)
+    assert "self.discard_request_mask.np[:num_reqs]" in bookkeeping
+    assert "gen = self.input_batch.generators.get(int(i))" in bookkeeping
+    assert "gen.set_offset(gen.get_offset() - 4)" in bookkeeping
+    step = inspect.getsource(runner.sample_tokens)
+    assert step.index("self._sample(") < step.index("self._bookkeeping_sync(")
+    own = cpu_model_runner.CPUModelRunner.__dict__
+    for name in ("_sample", "_bookkeeping_sync"):
+        method = own.get(name, getattr(runner, name))
+        assert getattr(method, "__wrapped__", method) is getattr(runner, name)
+
+
+VOCAB = 48
+
+
+def cpu_sampler_draw():
+    """vLLM's CPU sampler: one `randint` per seeded row seeds a fused Gumbel-max kernel."""
+    import vllm._custom_ops  # noqa: F401  (registers torch.ops._C.fused_gumbel_argmax)
+    from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler
+
+    sampler = TopKTopPSampler()
+    return lambda logits, generators: sampler.forward_cpu(logits, generators, None, None)[0]
+
+
+def native_sampler_draw():
+    """vLLM's native sampler: a whole row of exponentials per seeded row."""
+    from vllm.v1.sample.ops.topk_topp_sampler import random_sample
+
+    return lambda logits, generators: random_sample(logits.softmax(-1), generators)
+
+
+class VllmRunner:
+    """What the rewind touches of vLLM 0.32's model runner: the rows' generators, the discard mask,
+    a sampling step, and `_bookkeeping_sync`'s rewind (its code, verbatim)."""
+
+    def __init__(self, seeds: dict[int, int], num_reqs: int, draw):
+        generators = {row: torch.Generator().manual_seed(seed) for row, seed in seeds.items()}
+        self.input_batch = SimpleNamespace(generators=generators, num_reqs=num_reqs)
+        self.discard_request_mask = SimpleNamespace(np=np.zeros(8, dtype=bool))
+        self.draw = draw
+
+    def step(self, logits: torch.Tensor, discard: list[bool]) -> list[int | None]:
+        """One engine step: the rows' tokens, None for a discarded one."""
+        self.discard_request_mask.np[: len(discard)] = discard
+        tokens = self._sample(logits.clone())
+        self._bookkeeping_sync()
+        return [None if dropped else int(token) for dropped, token in zip(discard, tokens)]
+
+    def _sample(self, logits):
+        return self.draw(logits, self.input_batch.generators)
+
+    def _bookkeeping_sync(self):
+        num_reqs = self.input_batch.num_reqs
+        discard_sampled_tokens_req_indices = np.nonzero(self.discard_request_mask.np[:num_reqs])[0]
+        for i in discard_sampled_tokens_req_indices:
+            gen = self.input_batch.generators.get(int(i))
+            if gen is not None:
+                gen.set_offset(gen.get_offset() - 4)
+
+
+def patched_runner_class():
+    class CPUModelRunner(VllmRunner):
+        pass
+
+    cpu_plugin._patch_seeded_rewind(SimpleNamespace(CPUModelRunner=CPUModelRunner))
+    return CPUModelRunner
+
+
+def test_vllm_offset_rewind_kills_a_cpu_generator():
+    runner = VllmRunner({0: 5}, 1, native_sampler_draw())
+    with pytest.raises(RuntimeError, match="CPU Generator does not use offset"):
+        runner.step(torch.randn(1, VOCAB), [True])
+
+
+def test_patched_rewind_restores_the_generator_so_the_draws_repeat():
+    runner = patched_runner_class()({0: 5}, 1, native_sampler_draw())
+    fresh = torch.Generator().manual_seed(5)
+    logits = torch.randn(1, VOCAB)
+    for _ in range(3):  # three discarded prefill chunks
+        assert runner.step(logits, [True]) == [None]
+        assert torch.equal(runner.input_batch.generators[0].get_state(), fresh.get_state())
+    assert runner.step(logits, [False]) == VllmRunner({0: 5}, 1, native_sampler_draw()).step(logits, [False])
+    assert not torch.equal(runner.input_batch.generators[0].get_state(), fresh.get_state())  # kept: advanced
+
+
+def test_discarded_row_without_a_saved_state_is_not_offset_rewound():
+    runner = patched_runner_class()({0: 5}, 1, native_sampler_draw())
+    generators = runner.input_batch.generators
+    runner.discard_request_mask.np[0] = True
+    runner._bookkeeping_sync()  # no sampling before it: nothing to restore, and no crash
+    assert runner.input_batch.generators is generators and list(generators) == [0]
+
+
+@pytest.mark.parametrize("draw", [cpu_sampler_draw, native_sampler_draw], ids=["forward_cpu", "native"])
+def test_chunked_prefill_samples_the_same_tokens_as_one_step(draw):
+    """Rows: 0 a seeded prompt prefilled in 3 discarded chunks then decoded; 1 a seeded request that
+    decodes throughout; 2 an unseeded one. Row 0 gets the tokens of the same request prefilled in one
+    step; row 1 those of it alone (the rewind leaves kept rows be)."""
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(3, VOCAB, generator=g) * 3 for _ in range(8)]
+    chunks = 3
+    batch = patched_runner_class()({0: 11, 1: 22}, 3, draw())
+    steps = [batch.step(step, [i < chunks, False, False]) for i, step in enumerate(logits)]
+    one_step = patched_runner_class()({0: 11}, 1, draw())
+    alone = patched_runner_class()({0: 22}, 1, draw())
+    row0 = [one_step.step(step[:1], [False])[0] for step in logits[chunks:]]
+    row1 = [alone.step(step[1:2], [False])[0] for step in logits]
+    assert [tokens[0] for tokens in steps] == [None] * chunks + row0
+    assert [tokens[1] for tokens in steps] == row1
+    unrewound = VllmRunner({0: 11}, 1, draw())  # a "fix" that dropped the rewind: other draws
+    for step in logits[:chunks]:
+        unrewound._sample(step[:1].clone())
+    assert [unrewound.step(step[:1], [False])[0] for step in logits[chunks:]] != row0
+
+
+def test_patch_when_imported_patches_a_module_as_it_loads(tmp_path, monkeypatch):
+    name = "jamba_cpu_plugin_probe"
+    (tmp_path / f"{name}.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    seen = []
+    try:
+        cpu_plugin._patch_when_imported(name, seen.append)
+        cpu_plugin._patch_when_imported(name, seen.append)  # one hook per module name
+        assert name not in sys.modules and not seen
+        import jamba_cpu_plugin_probe as probe
+
+        assert seen == [probe] and probe.VALUE == 1
+        assert not any(isinstance(f, cpu_plugin._PatchOnImport) for f in sys.meta_path)
+        cpu_plugin._patch_when_imported(name, seen.append)  # loaded: patched at once
+        assert seen == [probe, probe]
+    finally:
+        sys.modules.pop(name, None)

@@ -127,3 +127,102 @@ def test_request_shape_errors(fields):
     with pytest.raises(Exception) as info:
         ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, **fields})
     assert type(info.value).__name__ == "ValidationError"
+
+
+# ---------------------------------------------------------------- client input that gave 500s
+
+
+def nested_schema(depth):
+    schema = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+def nested_args(levels):
+    """`levels` nested objects: {"a": {"a": ... {}}}."""
+    args = {}
+    for _ in range(levels - 1):
+        args = {"a": args}
+    return args
+
+
+def json_schema_format(schema):
+    return {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+
+
+NESTED_GROUPS = "(" * 500 + "a" + ")" * 500
+SCHEMA_PARAM = "response_format.json_schema.schema"
+TOOL_PARAM = "tools[0].function.parameters"
+
+
+def tool(parameters):
+    return {"type": "function", "function": {"name": "f", "parameters": parameters}}
+
+
+def tool_call_history(arguments):
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    return [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+    ]
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"response_format": json_schema_format(nested_schema(150))}, SCHEMA_PARAM),
+        ({"response_format": json_schema_format({"type": "string", "pattern": NESTED_GROUPS})}, SCHEMA_PARAM),
+        ({"response_format": json_schema_format({"type": "object", "patternProperties": {NESTED_GROUPS: {}}})}, SCHEMA_PARAM),
+        ({"response_format": json_schema_format({"type": "string", "pattern": "a{99999999999}"})}, SCHEMA_PARAM),
+        ({"response_format": json_schema_format({"$schema": []})}, SCHEMA_PARAM),
+        ({"tools": [tool(nested_schema(150))]}, TOOL_PARAM),  # checked with tool_choice auto too
+        ({"tools": [tool(nested_schema(150))], "tool_choice": "required"}, TOOL_PARAM),
+        ({"tools": [tool({"type": "string", "pattern": NESTED_GROUPS})], "tool_choice": {"type": "function", "function": {"name": "f"}}}, TOOL_PARAM),
+        ({"tools": [tool({"$schema": {}})]}, TOOL_PARAM),
+        ({"messages": tool_call_history(nested_args(900))}, "messages[1].tool_calls[0].function.arguments"),
+    ],
+)
+def test_input_that_gave_500s_is_a_400_naming_the_field(fields, param):
+    with pytest.raises(InvalidRequestError) as info:
+        plan(**fields)
+    assert info.value.param == param
+
+
+def test_a_checker_running_out_of_stack_is_the_clients_400(monkeypatch):
+    """Past our bounds, whatever a schema checker cannot take is still the client's schema."""
+    import jamba_server.core.features as features
+
+    class Exhausted:
+        def check_schema(self, schema):
+            raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(features, "validator_for", lambda schema: Exhausted())
+    with pytest.raises(InvalidRequestError) as info:
+        plan(response_format=json_schema_format({"type": "object"}))
+    assert info.value.param == SCHEMA_PARAM and "recursion" not in info.value.message
+
+
+def test_bounds_leave_room_for_the_tool_call_wrapper():
+    """A forced tool call nests each tool's parameters inside its own schema; a tool schema within
+    its bound must still be within vLLM's once wrapped (the deepest wrapping: several tools)."""
+    from jamba_server.core.features import tool_calls_schema
+    from jamba_server.core.input_limits import MAX_JSON_NESTING, MAX_TOOL_PARAMETERS_NESTING, exceeds_nesting
+
+    deepest = nested_args(MAX_TOOL_PARAMETERS_NESTING)
+    p = plan(tools=[tool(deepest), {**tool({}), "function": {"name": "g", "parameters": deepest}}], tool_choice="required")
+    assert not exceeds_nesting(p.constraint.schema, MAX_JSON_NESTING)
+    assert exceeds_nesting(p.constraint.schema, MAX_JSON_NESTING - 1)  # the bound is tight, not loose
+    with pytest.raises(InvalidRequestError):
+        plan(tools=[tool(nested_args(MAX_TOOL_PARAMETERS_NESTING + 1))])
+    assert tool_calls_schema  # imported for the docstring's claim
+
+
+def test_schemas_within_bounds_plan():
+    from jamba_server.core.input_limits import MAX_JSON_NESTING
+
+    deepest = nested_args(MAX_JSON_NESTING)
+    p = plan(response_format=json_schema_format({"type": "object", "properties": {"a": {"type": "string", "pattern": "^(a(b(c)))$"}}, "x": deepest["a"]}))
+    assert p.constraint is not None
+    plan(messages=tool_call_history(nested_args(MAX_JSON_NESTING)))

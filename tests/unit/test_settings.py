@@ -1,8 +1,9 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from jamba_server.settings import DEFAULT_TEMPLATE, SettingsError, load_settings
+from jamba_server.settings import DEFAULT_TEMPLATE, Settings, SettingsError, load_settings
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -135,3 +136,104 @@ def test_revision_reaches_the_engine_from_flag_or_environment():
     flagged = settings_for("jamba-1.5-mini-int8.yaml", "--revision", "abc123")
     assert flagged.engine_kwargs()["revision"] == "abc123"
     assert settings_for("jamba-1.5-mini-int8.yaml", environ={"JAMBA_REVISION": "v1"}).revision == "v1"
+
+
+# ---- API keys: a list of long keys from every source; refusals name the field, never the key
+
+LONG_KEYS = ["sk-test-preset-0123456789", "sk-test-env-a-0123456789", "sk-test-env-b-0123456789",
+             "sk-test-file-0123456789ab", "sk-test-flag-0123456789ab"]  # fmt: skip
+SHORT = "Zq9-short"  # 9 characters
+
+
+def _preset(tmp_path, text: str) -> str:
+    path = tmp_path / "p.yaml"
+    path.write_text("model: m\n" + text)
+    return str(path)
+
+
+def test_api_keys_written_as_a_yaml_string_is_a_startup_error(tmp_path):
+    """`api_keys: sk-live-SECRET` used to become one-character keys (`s`, `k`, ... all accepted)."""
+    preset = _preset(tmp_path, "api_keys: sk-live-SECRET-0123456789\n")
+    with pytest.raises(SettingsError, match="api_keys") as info:
+        load_settings(["--config", preset], environ={})
+    assert "must be a list" in str(info.value) and "SECRET" not in str(info.value)
+
+
+def test_a_string_is_never_taken_as_a_list_of_keys():
+    with pytest.raises(ValidationError, match="api_keys") as info:
+        Settings(model="m", api_keys="sk-live-SECRET-0123456789")
+    assert "SECRET" not in str(info.value)
+    settings = Settings(model="m", api_keys=[LONG_KEYS[0]])
+    with pytest.raises(ValidationError, match="api_keys") as info:
+        settings.api_keys = "sk-live-SECRET-0123456789"
+    assert "SECRET" not in str(info.value) and settings.api_keys == [LONG_KEYS[0]]
+    assert LONG_KEYS[0] not in repr(settings)
+
+
+@pytest.mark.parametrize("source", ["preset", "env", "file", "flag"])
+def test_short_api_keys_are_refused_from_every_source(tmp_path, source):
+    argv, environ = ["--model", "m"], {}
+    if source == "preset":
+        argv = ["--config", _preset(tmp_path, f"api_keys: [{LONG_KEYS[0]}, {SHORT}]\n")]
+    elif source == "env":
+        environ = {"JAMBA_API_KEYS": f"{LONG_KEYS[1]},{SHORT}"}
+    elif source == "file":
+        (tmp_path / "keys").write_text(f"{LONG_KEYS[3]}\n{SHORT}\n")
+        environ = {"JAMBA_API_KEY_FILE": str(tmp_path / "keys")}
+    else:
+        argv += ["--api-key", SHORT]
+    with pytest.raises(SettingsError, match="api_keys") as info:
+        load_settings(argv, environ=environ)
+    assert "16 characters" in str(info.value) and SHORT not in str(info.value)
+
+
+def test_non_string_keys_and_misspelt_key_fields_are_not_echoed(tmp_path):
+    with pytest.raises(SettingsError, match=r"api_keys.*int") as info:
+        load_settings(["--config", _preset(tmp_path, "api_keys: [12345678901234567890]\n")], environ={})
+    assert "12345678901234567890" not in str(info.value)
+    with pytest.raises(SettingsError, match="api_key") as info:
+        load_settings(["--config", _preset(tmp_path, f"api_key: {LONG_KEYS[0]}\n")], environ={})
+    assert LONG_KEYS[0] not in str(info.value)
+    with pytest.raises(SettingsError, match="tensor_parallel_size.*got 0"):  # other values are still shown
+        load_settings(["--model", "m", "--tensor-parallel-size", "0"], environ={})
+
+
+def test_api_keys_from_every_source_add_up(tmp_path):
+    (tmp_path / "keys").write_text(f"# rotated 2024-01\n\n  {LONG_KEYS[3]}  \n")
+    environ = {"JAMBA_API_KEYS": f" {LONG_KEYS[1]}, {LONG_KEYS[2]} ,", "JAMBA_API_KEY_FILE": str(tmp_path / "keys")}
+    preset = _preset(tmp_path, f"api_keys:\n  - {LONG_KEYS[0]}\n")
+    settings = load_settings(["--config", preset, "--api-key", LONG_KEYS[4]], environ=environ)
+    assert settings.api_keys == LONG_KEYS
+    assert load_settings(["--model", "m"], environ={}).api_keys == []  # no keys: open server
+
+
+def test_an_api_key_file_without_keys_is_an_error(tmp_path):
+    """A mounted Secret that came out empty must not leave the server open."""
+    (tmp_path / "keys").write_text("# no keys yet\n\n")
+    with pytest.raises(SettingsError, match="api_keys.*holds no key"):
+        load_settings(["--model", "m", "--api-key-file", str(tmp_path / "keys")], environ={})
+
+
+# ---- GPU presets cap max_tokens: without one, a request that omits it may decode the whole context
+
+GPU_PRESETS = sorted(p.name for p in CONFIGS.glob("jamba-1.5-*.yaml"))
+
+
+def test_every_gpu_preset_is_checked():
+    assert len(GPU_PRESETS) == 4 and "dev-cpu.yaml" not in GPU_PRESETS
+
+
+@pytest.mark.parametrize("preset", GPU_PRESETS)
+def test_gpu_presets_cap_max_tokens(preset):
+    settings = settings_for(preset)
+    cap = settings.max_tokens_limit
+    assert cap is not None, f"{preset} sets no max_tokens_limit"
+    # A real bound (at most an eighth of the context), yet room for long answers.
+    assert 4096 <= cap <= settings.max_model_len // 8, cap
+    lines = (CONFIGS / preset).read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("max_tokens_limit:"))
+    comment = []
+    while at > 0 and lines[at - 1].startswith("#"):
+        at -= 1
+        comment.insert(0, lines[at])
+    assert "400" in " ".join(comment) and "default" in " ".join(comment), "the preset says what the cap does"

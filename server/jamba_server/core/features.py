@@ -9,6 +9,12 @@ from typing import Any
 from jsonschema import SchemaError
 from jsonschema.validators import validator_for
 
+from jamba_server.core.input_limits import (
+    MAX_JSON_NESTING,
+    MAX_TOOL_PARAMETERS_NESTING,
+    check_nesting,
+    check_schema_limits,
+)
 from jamba_server.core.parsing import TOOL_OPEN, ParserConfig, document_titles
 from jamba_server.core.prompt import template_message
 from jamba_server.errors import InvalidRequestError
@@ -38,11 +44,20 @@ class ChatPlan:
     feature_labels: tuple[str, ...]
 
 
-def _check_schema(schema: dict[str, Any], param: str) -> None:
+def _check_schema(schema: dict[str, Any], param: str, max_nesting: int = MAX_JSON_NESTING) -> None:
+    """Bounds first (no recursion), then jsonschema's metaschema check; whatever the checker cannot
+    take is still the client's schema: a 400 naming `param`, never a 500."""
+    check_schema_limits(schema, param, max_nesting=max_nesting)
+    if not isinstance(schema.get("$schema", ""), str):  # validator_for looks it up in a dict
+        raise InvalidRequestError("invalid JSON schema: `$schema` must be a URI string", param=param)
     try:
         validator_for(schema).check_schema(schema)
     except SchemaError as exc:
         raise InvalidRequestError(f"invalid JSON schema: {exc.message}", param=param) from exc
+    except RecursionError:
+        raise InvalidRequestError("invalid JSON schema: it nests too deeply to check", param=param) from None
+    except OverflowError as exc:  # a regex repeat count past what Python's `re` takes
+        raise InvalidRequestError(f"invalid JSON schema: a pattern cannot be compiled: {exc}", param=param) from exc
 
 
 def _tool_choice(request: ChatFeatures) -> str | NamedToolChoice:
@@ -111,7 +126,12 @@ def _validate(request: ChatFeatures) -> None:
         raise InvalidRequestError(f"duplicate tool names: {duplicates}", param="tools")
     for i, tool in enumerate(request.tools or []):
         if tool.function.parameters is not None:
-            _check_schema(tool.function.parameters, f"tools[{i}].function.parameters")
+            _check_schema(tool.function.parameters, f"tools[{i}].function.parameters", MAX_TOOL_PARAMETERS_NESTING)
+    for i, message in enumerate(request.messages or []):
+        for j, call in enumerate(message.tool_calls or []):
+            check_nesting(
+                call.function.arguments, f"messages[{i}].tool_calls[{j}].function.arguments", what="the arguments object"
+            )
     if request.citation_mode == "fast" and not request.documents:
         raise InvalidRequestError("citation_mode needs documents", param="citation_mode")
     fmt = request.response_format

@@ -1,7 +1,26 @@
-"""Chat request → Jamba chat-template inputs → prompt text and token ids."""
+"""Chat request → Jamba chat-template inputs → prompt text and token ids.
+
+The prompt is a trust boundary. The template's own text is tokenized with control tokens
+(`<|bom|>`, `<|eom|>`, `<tool_calls>`, …); every string that came from the request — message content
+and names, tool definitions, tool-call arguments, tool results, documents and their metadata — is
+tokenized as plain text, so a client can never close its turn, forge a system or assistant turn, or
+open a tool-call block by typing a control token's spelling (OpenAI's servers treat such text the same
+way). Invariant, proved by tests/unit/test_prompt.py: no control token id comes from a client string,
+and a prompt whose client strings contain no control spelling tokenizes exactly as the whole rendered
+text always did (one `encode`, same ids).
+
+How: before rendering, each control spelling inside a client string is swapped for a placeholder the
+tokenizer cannot confuse with anything (private-use characters and a per-call random number); the
+template renders; the text is split at the control spellings left (all the template's own), and each
+piece between them is tokenized with the placeholders swapped back and control spellings split into
+ordinary tokens. Tokenizers split text at added tokens before tokenizing the pieces, so the pieces
+tokenize as they would have in the whole text.
+"""
 
 from __future__ import annotations
 
+import re
+import secrets
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -9,14 +28,18 @@ from jamba_server.errors import InvalidRequestError
 from jamba_server.protocol import ChatMessage
 
 ROLE_ALIASES = {"developer": "system"}
+# Template inputs the server writes itself (never client text).
+SERVER_INPUTS = frozenset({"knobs"})
 
 
 class ChatTokenizer(Protocol):
     """The slice of a Hugging Face tokenizer the prompt builder uses."""
 
+    added_tokens_decoder: dict[int, Any]
+
     def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
 
-    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = ..., **kwargs: Any) -> list[int]: ...
 
 
 @dataclass(frozen=True)
@@ -26,7 +49,8 @@ class Prompt:
 
 
 def template_message(message: ChatMessage) -> dict[str, Any]:
-    """One API message as the chat template expects it (content joined, roles mapped)."""
+    """One API message as the chat template expects it (content joined, roles mapped, tool-call
+    arguments as the parsed object so the template writes them canonically)."""
     rendered: dict[str, Any] = {
         "role": ROLE_ALIASES.get(message.role, message.role),
         "content": message.text(),
@@ -47,6 +71,90 @@ def template_message(message: ChatMessage) -> dict[str, Any]:
     return rendered
 
 
+class ControlSpellings:
+    """A tokenizer's added tokens (the control tokens) as text, and how to keep them out of client text."""
+
+    def __init__(self, tokenizer: ChatTokenizer):
+        self._ids = {getattr(t, "content", str(t)): i for i, t in tokenizer.added_tokens_decoder.items()}
+        # Longest first: the tokenizer matches added tokens leftmost-longest.
+        spellings = sorted(self._ids, key=len, reverse=True)
+        self._pattern = re.compile("|".join(re.escape(s) for s in spellings)) if spellings else None
+        self._split = re.compile(f"({self._pattern.pattern})") if spellings else None
+
+    def shield(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        """Template inputs with every control spelling in client strings swapped for a placeholder,
+        and the placeholders (placeholder → spelling). No spelling found: the inputs unchanged."""
+        if self._pattern is None:
+            return inputs, {}
+        nonce = f"{secrets.randbelow(10**12):012d}"
+        found: dict[str, str] = {}
+
+        def placeholder(match: re.Match[str]) -> str:
+            spelling = match.group(0)
+            token = f"\ue000{nonce}{self._ids[spelling]}\ue001"
+            found[token] = spelling
+            return token
+
+        def walk(value: Any) -> Any:
+            if isinstance(value, str):
+                return self._pattern.sub(placeholder, value) if self._pattern.search(value) else value
+            if isinstance(value, dict):
+                return {walk(k): walk(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [walk(v) for v in value]
+            return value
+
+        shielded = {key: value if key in SERVER_INPUTS else walk(value) for key, value in inputs.items()}
+        return (shielded, found) if found else (inputs, {})
+
+    def encode(self, tokenizer: ChatTokenizer, text: str, placeholders: dict[str, str]) -> list[int]:
+        """Token ids of rendered `text`: its control spellings as control tokens, the placeholders'
+        spellings as plain text."""
+        if not placeholders:
+            return tokenizer.encode(text, add_special_tokens=False)
+        restore = re.compile("|".join(re.escape(p) for p in placeholders))
+        ids: list[int] = []
+        for i, piece in enumerate(self._split.split(text)):
+            if i % 2:
+                ids.append(self._ids[piece])
+            elif piece:
+                plain = restore.sub(lambda m: placeholders[m.group(0)], piece)
+                ids.extend(tokenizer.encode(plain, add_special_tokens=False, split_special_tokens=True))
+        return ids
+
+    def restore(self, text: str, placeholders: dict[str, str]) -> str:
+        for token, spelling in placeholders.items():
+            text = text.replace(token, spelling)
+        return text
+
+
+_SPELLINGS: dict[int, tuple[Any, ControlSpellings]] = {}
+
+
+def control_spellings(tokenizer: ChatTokenizer) -> ControlSpellings:
+    """One `ControlSpellings` per tokenizer object (kept with it, so its id is never reused)."""
+    entry = _SPELLINGS.get(id(tokenizer))
+    if entry is None or entry[0] is not tokenizer:
+        entry = _SPELLINGS[id(tokenizer)] = (tokenizer, ControlSpellings(tokenizer))
+    return entry[1]
+
+
+def text_size(value: Any) -> int:
+    """Characters of every string in template inputs (keys included): the work rendering will do.
+    Iterative: client JSON may nest deeper than Python's recursion limit."""
+    size, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            size += len(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return size
+
+
 def render_chat(
     tokenizer: ChatTokenizer,
     chat_template: str,
@@ -54,26 +162,30 @@ def render_chat(
     add_generation_prompt: bool = True,
     suffix: str = "",
 ) -> Prompt:
-    """Render through the tokenizer's template path, then tokenize without a second BOS.
+    """Render through the tokenizer's template path, then tokenize by provenance without a second BOS.
 
     `suffix` is appended after the generation prompt (e.g. a forced `<tool_calls>` opening).
     """
+    spellings = control_spellings(tokenizer)
     try:
+        shielded, placeholders = spellings.shield(inputs)
         text = tokenizer.apply_chat_template(
             chat_template=chat_template,
             add_generation_prompt=add_generation_prompt,
             tokenize=False,
-            **inputs,
+            **shielded,
         )
-    except Exception as exc:  # jinja2 TemplateError, raise_exception() in the template
+    except Exception as exc:  # jinja2 TemplateError, raise_exception() in the template, RecursionError
         raise InvalidRequestError(f"cannot render messages: {exc}", param="messages") from exc
     text += suffix
     _check_unicode(text, "messages")
     # The template writes BOS itself; the tokenizer must not add another.
-    return Prompt(text=text, token_ids=tokenizer.encode(text, add_special_tokens=False))
+    token_ids = spellings.encode(tokenizer, text, placeholders)
+    return Prompt(text=spellings.restore(text, placeholders), token_ids=token_ids)
 
 
 def encode_prompt(tokenizer: ChatTokenizer, text: str, add_special_tokens: bool = True) -> Prompt:
+    """A raw completions prompt: the client owns all of it, control tokens included."""
     _check_unicode(text, "prompt")
     return Prompt(text=text, token_ids=tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
