@@ -106,6 +106,7 @@ class AdmissionController:
                 self.release(waiter.future.result())  # admitted just as we were cancelled
             elif waiter in self._queue:
                 self._queue.remove(waiter)
+                self._wake()  # the next waiter may fit where this one did not
             raise
 
     def release(self, ticket: Ticket) -> None:

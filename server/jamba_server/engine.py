@@ -180,8 +180,9 @@ class EngineAdapter:
         return self.engine.vllm_config.scheduler_config.max_num_seqs if self.engine else None
 
     async def abort(self, request_id: str, cause: str) -> None:
-        """Abort one engine request; its stream ends with the error for `cause`."""
-        if request_id in self._active and self.engine is not None:
+        """Abort one running engine request; its stream ends with the error for `cause`. Counted
+        once: a request already finished or aborted (e.g. by its deadline timer) is left alone."""
+        if self._active.get(request_id, cause) is None and self.engine is not None:
             self._active[request_id] = cause
             ABORTED.labels(cause).inc()
             await self.engine.abort(request_id)

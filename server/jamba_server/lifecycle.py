@@ -57,19 +57,26 @@ def sse_events(payloads: list[str]) -> bytes:
     return b"".join(sse(p) for p in payloads)
 
 
+class _WriteTimeout(Exception):
+    """A write the client did not accept in time (not a TimeoutError: that is an OSError, which
+    Starlette takes for a disconnect)."""
+
+
 class TrackedStreamingResponse(StreamingResponse):
-    """A streaming response that runs `on_close(cause)` however the stream ends: cause None when it
-    was sent whole, else the abort cause (`client_disconnect`, `slow_client`, `deadline`).
+    """A streaming response that knows how it ended: sent whole, or cut (`client_disconnect`,
+    `slow_client`, `deadline`); `on_close(cause)` runs exactly once however it ends.
 
     A client that stops reading must not hold its admission slot while the engine generates into
     memory: a write the client does not accept within `write_timeout` seconds, or by the request's
-    deadline, ends the stream and its engine request (uvicorn itself waits on a full socket forever).
+    deadline, cuts the stream; `on_cut(cause)` then aborts the engine request (uvicorn itself waits on
+    a full socket forever).
     """
 
     def __init__(
         self,
         content: AsyncIterator[bytes],
         on_close: Callable[[str | None], None],
+        on_cut: Callable[[str], Awaitable[None]],
         write_timeout: float,
         deadline: float | None,
     ):
@@ -79,6 +86,7 @@ class TrackedStreamingResponse(StreamingResponse):
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
         self._on_close = on_close
+        self._on_cut = on_cut
         self._write_timeout = write_timeout
         self._deadline = deadline
         self.sent_whole = False
@@ -89,20 +97,29 @@ class TrackedStreamingResponse(StreamingResponse):
 
         async def send_within(message: Any) -> None:
             limit = loop.time() + self._write_timeout
-            async with asyncio.timeout_at(limit if self._deadline is None else min(limit, self._deadline)):
-                await send(message)
+            try:
+                async with asyncio.timeout_at(limit if self._deadline is None else min(limit, self._deadline)):
+                    await send(message)
+            except TimeoutError:
+                raise _WriteTimeout from None
 
         try:
             await super().__call__(scope, receive, send_within)
             if self.sent_whole:
                 cause = None
-        except TimeoutError:
+        except _WriteTimeout:
             past_deadline = self._deadline is not None and loop.time() >= self._deadline
             cause = "deadline" if past_deadline else "slow_client"
             logger.warning("stream cut: the client did not accept data (%s)", cause)
         finally:
-            await self.body_iterator.aclose()  # ends the engine request now, not at garbage collection
-            self._on_close(cause)
+            try:
+                if cause in ("slow_client", "deadline"):
+                    await self._on_cut(cause)
+                await self.body_iterator.aclose()  # ends the engine request now, not at garbage collection
+            except Exception:
+                logger.exception("closing a stream's engine request failed")
+            finally:
+                self._on_close(cause)
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -289,13 +306,16 @@ class ServerState:
             response.sent_whole = True
             yield sse_events(pending) + _SSE_DONE
 
+        async def cut(cause: str) -> None:
+            await self.adapter.abort(request_id, cause)  # counted there, once, if it was still running
+
         def closed(cause: str | None) -> None:
-            if cause is not None:
+            if cause == "client_disconnect":
                 ABORTED.labels(cause).inc()
             ticket.issuer.release(ticket)
 
         response = TrackedStreamingResponse(
-            events(), on_close=closed, write_timeout=self.settings.stream_write_timeout, deadline=deadline
+            events(), closed, cut, write_timeout=self.settings.stream_write_timeout, deadline=deadline
         )
         return response
 

@@ -7,6 +7,7 @@ silently ignored. Field bounds here are the validation; the app maps failures to
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Annotated, Any, Literal
 
@@ -33,6 +34,12 @@ class TextContentPart(BaseModel):
 # Characters that end a line (str.splitlines'): a document's title or metadata must not contain
 # them, or a value could start a forged `## Document ID:` block of its own.
 LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+# The template writes a metadata key as `Key: value`, through Jinja's `capitalize`, which lowercases
+# all but the first letter: `<|EOM|>` would become a control token's spelling after any check on the
+# client's text. Keys are therefore plain words.
+_METADATA_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _-]{0,63}")
 
 
 def _single_line(value: str, what: str) -> str:
@@ -149,7 +156,8 @@ class Document(BaseModel):
         for key, value in (self.model_extra or {}).items():
             if not isinstance(value, str):
                 raise ValueError(f"document metadata `{key}` must be a string")
-            _single_line(key, "a metadata key")
+            if not _METADATA_KEY.fullmatch(key):
+                raise ValueError(f"a document metadata key must match {_METADATA_KEY.pattern} (got {key[:80]!r})")
             _single_line(value, f"document metadata `{key}`")
         return self
 

@@ -112,3 +112,24 @@ def test_within_limits_passes():
          "tools": [TOOL], "documents": [{"text": "0123456789"}]}  # fmt: skip
     )
     check_chat_limits(request, LIMITS)
+
+
+def test_choices_count_as_sequences_and_a_cancelled_head_wakes_the_next():
+    async def scenario():
+        ctl = AdmissionController(max_running=4, max_queued=5, max_tokens=None, retry_after=1)
+        three = await ctl.acquire(1, sequences=3)
+        four = asyncio.ensure_future(ctl.acquire(1, sequences=4))  # 3 + 4 > 4: waits
+        one = asyncio.ensure_future(ctl.acquire(1, sequences=1))  # would fit, but FIFO keeps order
+        await asyncio.sleep(0)
+        assert (ctl.running, ctl.running_sequences, ctl.queued) == (1, 3, 2)
+        four.cancel()
+        admitted = await asyncio.wait_for(one, 5)  # woken by the cancellation, not by a release
+        assert (ctl.running, ctl.running_sequences, ctl.queued) == (2, 4, 0)
+        ctl.release(three)
+        ctl.release(admitted)
+        lone = await ctl.acquire(1, sequences=16)  # more than the engine's slots, but alone: it runs
+        assert ctl.running_sequences == 16
+        ctl.release(lone)
+        assert (ctl.running, ctl.running_sequences) == (0, 0)
+
+    asyncio.run(scenario())

@@ -42,8 +42,11 @@ def test_header_must_be_a_positive_number(raw):
         _seconds_left(_state(request_timeout=5), {"X-Request-Timeout": raw})
 
 
-def _run_stream(write_timeout: float, deadline_in: float | None, client_reads: bool) -> tuple[str | None, list[str]]:
-    """Serve a never-ending stream to a client that reads (until 3 events) or never reads."""
+def _run_stream(
+    write_timeout: float, deadline_in: float | None, client_reads: bool, closing_fails: bool = False
+) -> tuple[list[str | None], list[str]]:
+    """Serve a never-ending stream to a client that reads (until 3 events) or never reads; returns
+    the causes `on_close` got and what happened, in order."""
     closed: list[str | None] = []
     events: list[str] = []
 
@@ -54,11 +57,16 @@ def _run_stream(write_timeout: float, deadline_in: float | None, client_reads: b
                 await asyncio.sleep(0)
         finally:
             events.append("engine request ended")
+            if closing_fails:
+                raise RuntimeError("the engine is gone")
+
+    async def cut(cause):
+        events.append(f"aborted: {cause}")
 
     async def main():
         loop = asyncio.get_running_loop()
         deadline = None if deadline_in is None else loop.time() + deadline_in
-        response = TrackedStreamingResponse(body(), closed.append, write_timeout, deadline)
+        response = TrackedStreamingResponse(body(), closed.append, cut, write_timeout, deadline)
         sent = 0
         stuck = asyncio.Event()
 
@@ -76,16 +84,22 @@ def _run_stream(write_timeout: float, deadline_in: float | None, client_reads: b
         await response(scope, receive, send)
 
     asyncio.run(main())
-    return closed[0], events
+    return closed, events
 
 
 def test_a_client_that_stops_reading_is_cut_and_its_request_ended():
-    cause, events = _run_stream(write_timeout=0.05, deadline_in=None, client_reads=True)
-    assert cause == "slow_client"
-    assert events == ["engine request ended"]
+    closed, events = _run_stream(write_timeout=0.05, deadline_in=None, client_reads=True)
+    assert closed == ["slow_client"]
+    assert events == ["aborted: slow_client", "engine request ended"]
 
 
 def test_the_deadline_bounds_writes_too():
-    cause, events = _run_stream(write_timeout=3600, deadline_in=0.05, client_reads=False)
-    assert cause == "deadline"
-    assert events == ["engine request ended"]
+    closed, events = _run_stream(write_timeout=3600, deadline_in=0.05, client_reads=False)
+    assert closed == ["deadline"]
+    assert events == ["aborted: deadline", "engine request ended"]
+
+
+def test_the_slot_is_released_even_if_ending_the_engine_request_fails():
+    closed, events = _run_stream(write_timeout=0.05, deadline_in=None, client_reads=True, closing_fails=True)
+    assert closed == ["slow_client"]
+    assert events == ["aborted: slow_client", "engine request ended"]

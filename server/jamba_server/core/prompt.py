@@ -14,19 +14,27 @@ tokenizer cannot confuse with anything (private-use characters and a per-call ra
 template renders; the text is split at the control spellings left (all the template's own), and each
 piece between them is tokenized with the placeholders swapped back and control spellings split into
 ordinary tokens. Tokenizers split text at added tokens before tokenizing the pieces, so the pieces
-tokenize as they would have in the whole text.
+tokenize as they would have in the whole text (checked for each tokenizer when first used; a warning
+says if not). The pieces go through a private copy of the tokenizer that reads every added token's
+spelling as text: Hugging Face's `split_special_tokens` flips a flag on the one shared tokenizer for
+the call, which races renders running in other threads.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 import secrets
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tokenizers import Tokenizer
+
 from jamba_server.errors import InvalidRequestError
 from jamba_server.protocol import ChatMessage
 
+logger = logging.getLogger(__name__)
 ROLE_ALIASES = {"developer": "system"}
 # Template inputs the server writes itself (never client text).
 SERVER_INPUTS = frozenset({"knobs"})
@@ -36,6 +44,7 @@ class ChatTokenizer(Protocol):
     """The slice of a Hugging Face tokenizer the prompt builder uses."""
 
     added_tokens_decoder: dict[int, Any]
+    backend_tokenizer: Tokenizer
 
     def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
 
@@ -80,6 +89,20 @@ class ControlSpellings:
         spellings = sorted(self._ids, key=len, reverse=True)
         self._pattern = re.compile("|".join(re.escape(s) for s in spellings)) if spellings else None
         self._split = re.compile(f"({self._pattern.pattern})") if spellings else None
+        self._text_only = _text_only_copy(tokenizer)
+        self.piecewise_exact = self._check_piecewise(tokenizer, spellings)
+
+    def _check_piecewise(self, tokenizer: ChatTokenizer, spellings: list[str]) -> bool:
+        """Whether tokenizing between control tokens gives the whole text's ids for this tokenizer
+        (true for byte-level BPE and per-segment normalizers; not for e.g. an `lstrip` added token)."""
+        sample = " x\n".join(["Hello, world", *spellings, " y z"])
+        exact = self.encode(tokenizer, sample, {"\ue000unused\ue001": ""}) == tokenizer.encode(sample, add_special_tokens=False)
+        if not exact:
+            logger.warning(
+                "this tokenizer tokenizes text between control tokens differently from the whole text: "
+                "a prompt whose client text spells a control token may tokenize slightly differently"
+            )
+        return exact
 
     def shield(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         """Template inputs with every control spelling in client strings swapped for a placeholder,
@@ -119,13 +142,24 @@ class ControlSpellings:
                 ids.append(self._ids[piece])
             elif piece:
                 plain = restore.sub(lambda m: placeholders[m.group(0)], piece)
-                ids.extend(tokenizer.encode(plain, add_special_tokens=False, split_special_tokens=True))
+                ids.extend(self._text_only.encode(plain, add_special_tokens=False).ids)
         return ids
 
     def restore(self, text: str, placeholders: dict[str, str]) -> str:
         for token, spelling in placeholders.items():
             text = text.replace(token, spelling)
         return text
+
+
+def _text_only_copy(tokenizer: ChatTokenizer) -> Tokenizer:
+    """A private copy of the fast tokenizer that reads every added token's spelling as ordinary text
+    (all marked special, even ones the tokenizer marks not special, and `encode_special_tokens`)."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    for token in spec.get("added_tokens", []):
+        token["special"] = True
+    copy = Tokenizer.from_str(json.dumps(spec))
+    copy.encode_special_tokens = True
+    return copy
 
 
 _SPELLINGS: dict[int, tuple[Any, ControlSpellings]] = {}
@@ -140,18 +174,22 @@ def control_spellings(tokenizer: ChatTokenizer) -> ControlSpellings:
 
 
 def text_size(value: Any) -> int:
-    """Characters of every string in template inputs (keys included): the work rendering will do.
-    Iterative: client JSON may nest deeper than Python's recursion limit."""
+    """About the characters template inputs render to: every string (keys included), every number's
+    digits, one per container. Iterative: client JSON may nest deeper than Python's recursion limit."""
     size, stack = 0, [value]
     while stack:
         item = stack.pop()
         if isinstance(item, str):
             size += len(item)
         elif isinstance(item, dict):
+            size += 1
             stack.extend(item.keys())
             stack.extend(item.values())
         elif isinstance(item, (list, tuple)):
+            size += 1
             stack.extend(item)
+        else:
+            size += len(repr(item))
     return size
 
 
