@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import MODEL_NAME, golden_cases
+from tests.support import MODEL_NAME, golden_cases
 
 HI = [{"role": "user", "content": "Tell me about the weather in London."}]
 

@@ -14,7 +14,7 @@ import openai
 import psutil
 import pytest
 
-from tests.conftest import REPO, ServerProcess, _free_port
+from tests.support import REPO, ServerProcess, free_port
 from tests.deploy.dockerfile import CPU_DOCKERFILE, env, exec_form, final_stage, healthcheck, host_path, last
 
 STAGE = final_stage(CPU_DOCKERFILE)
@@ -37,7 +37,7 @@ class ImageCommand(ServerProcess):
     """ServerProcess whose command is the image's ENTRYPOINT + CMD."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = REPO / "build" / f"docker-entrypoint-{self.port}.log"
         self.log_path.parent.mkdir(exist_ok=True)
@@ -90,7 +90,7 @@ def test_chat_completion_with_the_openai_client(image_server):
 def test_image_healthcheck_passes_and_fails_when_nothing_listens(image_server):
     _, command = healthcheck(STAGE)
     assert subprocess.run(command, env=image_environment(image_server.port), timeout=30).returncode == 0
-    closed = subprocess.run(command, env=image_environment(_free_port()), capture_output=True, timeout=30)
+    closed = subprocess.run(command, env=image_environment(free_port()), capture_output=True, timeout=30)
     assert closed.returncode != 0
 
 

@@ -7,7 +7,7 @@ import re
 import openai
 import pytest
 
-from tests.conftest import MODEL_NAME
+from tests.support import MODEL_NAME
 
 MSG = [{"role": "user", "content": "hi"}]
 CHAT = {"model": MODEL_NAME, "messages": MSG, "max_tokens": 2}

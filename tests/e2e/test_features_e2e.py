@@ -7,7 +7,7 @@ import json
 import jsonschema
 import pytest
 
-from tests.conftest import MODEL_NAME, case_to_request, golden_cases
+from tests.support import MODEL_NAME, case_to_request, golden_cases
 
 SAMPLES = 20  # sampled requests per constrained mode (temperature 1, seeds 0..19)
 WEATHER = {

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GenerationConfig, JambaForCausalLM
 
-from tests.conftest import MODEL_NAME, start_server
+from tests.support import MODEL_NAME, start_server
 
 PROMPTS = [
     "The quick brown fox",

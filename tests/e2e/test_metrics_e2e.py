@@ -12,7 +12,7 @@ import openai
 import pytest
 import yaml
 
-from tests.conftest import MODEL_NAME, REPO, _free_port, start_server, wait_for
+from tests.support import MODEL_NAME, REPO, free_port, start_server, wait_for
 from tests.deploy.test_prometheus_rules import RULES, dashboard_exprs
 
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
@@ -43,7 +43,7 @@ def prometheus(server, tmp_path_factory):
         "scrape_configs": [{"job_name": "jamba-server", "static_configs": [{"targets": [target]}]}],
     }
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     log = (REPO / "build" / f"prometheus-{port}.log").open("wb")
     proc = subprocess.Popen(
         [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tests.conftest import MODEL_NAME, start_server, wait_for
+from tests.support import MODEL_NAME, start_server, wait_for
 
 KEY = "test-key-1-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}

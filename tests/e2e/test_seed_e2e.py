@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import MODEL_NAME, start_server
+from tests.support import MODEL_NAME, start_server
 
 CHUNK = 64  # vLLM's floor is max_num_seqs (32 in the dev preset)
 DEFAULT_BUDGET = 2048  # vLLM's CPU default for max_num_batched_tokens (API server)

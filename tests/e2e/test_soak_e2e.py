@@ -11,7 +11,7 @@ import time
 import httpx
 import psutil
 
-from tests.conftest import MODEL_NAME
+from tests.support import MODEL_NAME
 
 CONCURRENCY = 64
 STREAMS = 2_500

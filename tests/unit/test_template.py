@@ -7,7 +7,7 @@ from jamba_server.core.features import plan_chat
 from jamba_server.core.prompt import render_chat
 from jamba_server.protocol import ChatCompletionRequest
 from jamba_server.settings import DEFAULT_TEMPLATE
-from tests.conftest import case_to_request, golden_cases
+from tests.support import case_to_request, golden_cases
 
 CASES = golden_cases()
 TEMPLATE = DEFAULT_TEMPLATE.read_text(encoding="utf-8")
