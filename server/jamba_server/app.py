@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import time
 import uuid
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
@@ -19,17 +18,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jamba_server import __version__
-from jamba_server.admission import check_chat_input_limits, check_chat_limits, check_completion_limits
+from jamba_server.admission import check_chat_input_limits
 from jamba_server.auth import ApiKeyChecker
 from jamba_server.core import prompt as prompts
 from jamba_server.core.features import plan_chat
-from jamba_server.core.responses import (
-    ChatAccumulator,
-    ChatStreamer,
-    CompletionAccumulator,
-    CompletionStreamer,
-)
-from jamba_server.core.sampling import sampling_spec
 from jamba_server.engine import VLLM_VERSION, EngineAdapter
 from jamba_server.errors import (
     APIError,
@@ -41,6 +33,7 @@ from jamba_server.errors import (
 from jamba_server.lifecycle import ServerState
 from jamba_server.metrics import BUILD_INFO, GenerationMetrics, record_outcome, record_rejection, track_admission
 from jamba_server.middleware import RequestContextMiddleware, request_info
+from jamba_server.prepare import GenerationJob, prepare_chat, prepare_completion
 from jamba_server.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -57,7 +50,7 @@ from jamba_server.settings import Settings
 logger = logging.getLogger(__name__)
 
 ENGINE_DEATH_EXIT_DELAY_S = 2.0
-# Prompts longer than this are rendered and tokenized off the event loop.
+# Requests larger than this (body bytes; for /tokenize, rendered characters) are prepared off the event loop.
 _INLINE_PROMPT_CHARS = 16_384
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 499, 500, 503, 504)
@@ -87,6 +80,12 @@ def validation_error(exc: RequestValidationError) -> APIError:
 
 def _error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.envelope(), status_code=error.status_code, headers=error.headers)
+
+
+def _body_size(request: Request) -> int:
+    """The request body's size, as a measure of the work preparing it takes (no length: assume large)."""
+    length = request.headers.get("content-length", "")
+    return int(length) if length.isdigit() else _INLINE_PROMPT_CHARS + 1
 
 
 async def _off_loop_if_large(size: int, fn: Callable[..., Any], *args: Any) -> Any:
@@ -232,106 +231,43 @@ def create_app(
 
         return record
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**_STREAMING_OK, **_ERRORS})
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        begin_generation(request, body.model)
-        check_chat_limits(body, settings)
-        plan = plan_chat(body)
-        prompt = await _off_loop_if_large(
-            prompts.text_size(plan.template_inputs),
-            prompts.render_chat,
-            adapter.tokenizer,
-            state.chat_template,
-            plan.template_inputs,
-            True,
-            plan.prompt_suffix,
-        )
-        spec = sampling_spec(
-            body,
-            prompt_tokens=len(prompt.token_ids),
-            max_model_len=adapter.max_model_len,
-            vocab_size=adapter.vocab_size,
-            json_schema=plan.constraint.schema if plan.constraint else None,
-            json_schema_param=plan.constraint.param if plan.constraint else None,
-            banned_tokens=plan.banned_tokens,
-            max_tokens_cap=settings.max_tokens_limit,
-        )
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        note(request, engine_request_id=request_id, prompt_tokens=len(prompt.token_ids), stream=body.stream)
-        features = plan.feature_labels + (("stream",) if body.stream else ())
-        metrics = generation_metrics(request, len(prompt.token_ids), features)
-        json_mode = not {"json_mode", "json_schema"}.isdisjoint(plan.feature_labels)
-        if body.stream:
-            streamer = ChatStreamer(
-                request_id, state.model_name, spec.n, body.logprobs, created=int(time.time()), parser=plan.parser
-            )
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    async def run_job(request: Request, job: GenerationJob) -> Any:
+        """The one generation pipeline, whatever the protocol: ids and access-log facts, metrics,
+        then the runner streams or collects, and the job's renderers shape the output."""
+        request_id = f"{job.id_prefix}-{uuid.uuid4().hex}"
+        prompt_ids = job.prompt.token_ids
+        note(request, engine_request_id=request_id, prompt_tokens=len(prompt_ids), stream=job.stream)
+        metrics = generation_metrics(request, len(prompt_ids), job.features + (("stream",) if job.stream else ()))
+        if job.stream:
+            streamer = job.renderers.streamer(request_id, state.model_name)
             return await state.stream(
                 request,
                 request_id,
-                prompt.token_ids,
-                spec,
+                prompt_ids,
+                job.spec,
                 streamer.step,
-                streamer.opening(),
-                streamer.usage_chunk if include_usage else None,
+                job.renderers.opening(streamer),
+                streamer.usage_chunk if job.include_usage else None,
                 metrics,
-                on_finish=outcome_note(request, prompt.text, streamer, json_mode),
+                on_finish=outcome_note(request, job.prompt.text, streamer, job.json_mode),
             )
-        result = ChatAccumulator(request_id, state.model_name, spec.n, body.logprobs, plan.parser)
-        await state.collect(request, request_id, prompt.token_ids, spec, result.add, metrics)
-        response = result.build(prompt.token_ids if body.return_token_ids else None)
-        outcome_note(request, prompt.text, result, json_mode)()
+        result = job.renderers.accumulator(request_id, state.model_name)
+        await state.collect(request, request_id, prompt_ids, job.spec, result.add, metrics)
+        response = result.build(prompt_ids if job.return_token_ids else None)
+        outcome_note(request, job.prompt.text, result, job.json_mode)()
         return response
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**_STREAMING_OK, **_ERRORS})
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        begin_generation(request, body.model)
+        job = await _off_loop_if_large(_body_size(request), prepare_chat, body, adapter, settings, state.chat_template)
+        return await run_job(request, job)
 
     @app.post("/v1/completions", response_model=Completion, responses={**_STREAMING_OK, **_ERRORS})
     async def completions(body: CompletionRequest, request: Request):
         begin_generation(request, body.model)
-        check_completion_limits(body, settings)
-        if isinstance(body.prompt, str):
-            prompt = await _off_loop_if_large(
-                len(body.prompt), prompts.encode_prompt, adapter.tokenizer, body.prompt
-            )
-        else:
-            bad = [t for t in body.prompt if not 0 <= t < adapter.vocab_size]
-            if bad:
-                raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary", param="prompt")
-            prompt = prompts.Prompt(text="", token_ids=list(body.prompt))
-        spec = sampling_spec(
-            body,
-            prompt_tokens=len(prompt.token_ids),
-            max_model_len=adapter.max_model_len,
-            vocab_size=adapter.vocab_size,
-            max_tokens_cap=settings.max_tokens_limit,
-        )
-        if body.echo and not isinstance(body.prompt, str):  # decoded only once the length is known to fit
-            text = await _off_loop_if_large(len(body.prompt), adapter.tokenizer.decode, body.prompt)
-            prompt = prompts.Prompt(text=text, token_ids=prompt.token_ids)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        note(request, engine_request_id=request_id, prompt_tokens=len(prompt.token_ids), stream=body.stream)
-        metrics = generation_metrics(request, len(prompt.token_ids), ("stream",) if body.stream else ())
-        want_logprobs = body.logprobs is not None
-        echo_text = prompt.text if body.echo else ""
-        if body.stream:
-            streamer = CompletionStreamer(
-                request_id, state.model_name, spec.n, want_logprobs, created=int(time.time())
-            )
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await state.stream(
-                request,
-                request_id,
-                prompt.token_ids,
-                spec,
-                streamer.step,
-                streamer.echo(echo_text) if echo_text else None,
-                streamer.usage_chunk if include_usage else None,
-                metrics,
-                on_finish=outcome_note(request, prompt.text, streamer),
-            )
-        result = CompletionAccumulator(request_id, state.model_name, spec.n, want_logprobs, echo_text=echo_text)
-        await state.collect(request, request_id, prompt.token_ids, spec, result.add, metrics)
-        response = result.build(prompt.token_ids if body.return_token_ids else None)
-        outcome_note(request, prompt.text, result)()
-        return response
+        job = await _off_loop_if_large(_body_size(request), prepare_completion, body, adapter, settings)
+        return await run_job(request, job)
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def models() -> ModelList:

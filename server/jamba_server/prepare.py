@@ -1,0 +1,129 @@
+"""Request → `GenerationJob`: every check a generation request passes, in one fixed order, and what
+the one generation pipeline (app.py, `run_job`) needs to run it and to render its output.
+
+A wire protocol is a `prepare_*` function here plus its renderers (core/responses.py): the prompt,
+the sampling spec and the feature labels come out of `prepare`, and the job's `renderers` build the
+protocol's stream events or response object from engine steps. Synchronous and free of the event
+loop, so the pipeline can run a large one in a worker thread.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from jamba_server.admission import check_chat_limits, check_completion_limits
+from jamba_server.core import prompt as prompts
+from jamba_server.core.features import plan_chat
+from jamba_server.core.responses import ChatAccumulator, ChatStreamer, CompletionAccumulator, CompletionStreamer
+from jamba_server.core.sampling import SamplingSpec, sampling_spec
+from jamba_server.errors import InvalidRequestError
+from jamba_server.protocol import ChatCompletionRequest, CompletionRequest
+from jamba_server.settings import Settings
+
+
+class EngineFacts(Protocol):
+    """What preparing a job needs of the engine adapter."""
+
+    tokenizer: Any
+    max_model_len: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class Renderers:
+    """How one protocol turns engine steps into its output: a streamer (SSE events) or an
+    accumulator (one response object), each made for a request id and the served model's name."""
+
+    streamer: Callable[[str, str], Any]
+    accumulator: Callable[[str, str], Any]
+    opening: Callable[[Any], str | None]  # the stream's first event, given the streamer
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    id_prefix: str  # of the response id: `chatcmpl`, `cmpl`
+    prompt: prompts.Prompt
+    spec: SamplingSpec
+    features: tuple[str, ...]  # metric labels
+    json_mode: bool
+    stream: bool
+    include_usage: bool
+    return_token_ids: bool
+    renderers: Renderers
+
+
+def prepare_chat(body: ChatCompletionRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> GenerationJob:
+    """Limits → feature plan → prompt (rendered, tokenized by provenance) → sampling spec."""
+    check_chat_limits(body, settings)
+    plan = plan_chat(body)
+    prompt = prompts.render_chat(engine.tokenizer, chat_template, plan.template_inputs, True, plan.prompt_suffix)
+    spec = sampling_spec(
+        body,
+        prompt_tokens=len(prompt.token_ids),
+        max_model_len=engine.max_model_len,
+        vocab_size=engine.vocab_size,
+        json_schema=plan.constraint.schema if plan.constraint else None,
+        json_schema_param=plan.constraint.param if plan.constraint else None,
+        banned_tokens=plan.banned_tokens,
+        max_tokens_cap=settings.max_tokens_limit,
+    )
+    created = int(time.time())
+    renderers = Renderers(
+        streamer=lambda rid, model: ChatStreamer(rid, model, spec.n, body.logprobs, created=created, parser=plan.parser),
+        accumulator=lambda rid, model: ChatAccumulator(rid, model, spec.n, body.logprobs, plan.parser),
+        opening=lambda streamer: streamer.opening(),
+    )
+    return GenerationJob(
+        id_prefix="chatcmpl",
+        prompt=prompt,
+        spec=spec,
+        features=plan.feature_labels,
+        json_mode=not {"json_mode", "json_schema"}.isdisjoint(plan.feature_labels),
+        stream=body.stream,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        return_token_ids=body.return_token_ids,
+        renderers=renderers,
+    )
+
+
+def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: Settings) -> GenerationJob:
+    """Limits → prompt (raw text, or token ids checked against the vocabulary) → sampling spec →
+    echo text (decoded only once the length is known to fit)."""
+    check_completion_limits(body, settings)
+    if isinstance(body.prompt, str):
+        prompt = prompts.encode_prompt(engine.tokenizer, body.prompt)
+    else:
+        bad = [t for t in body.prompt if not 0 <= t < engine.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary", param="prompt")
+        prompt = prompts.Prompt(text="", token_ids=list(body.prompt))
+    spec = sampling_spec(
+        body,
+        prompt_tokens=len(prompt.token_ids),
+        max_model_len=engine.max_model_len,
+        vocab_size=engine.vocab_size,
+        max_tokens_cap=settings.max_tokens_limit,
+    )
+    if body.echo and not isinstance(body.prompt, str):
+        prompt = prompts.Prompt(text=engine.tokenizer.decode(body.prompt), token_ids=prompt.token_ids)
+    want_logprobs = body.logprobs is not None
+    echo_text = prompt.text if body.echo else ""
+    created = int(time.time())
+    renderers = Renderers(
+        streamer=lambda rid, model: CompletionStreamer(rid, model, spec.n, want_logprobs, created=created),
+        accumulator=lambda rid, model: CompletionAccumulator(rid, model, spec.n, want_logprobs, echo_text=echo_text),
+        opening=lambda streamer: streamer.echo(echo_text) if echo_text else None,
+    )
+    return GenerationJob(
+        id_prefix="cmpl",
+        prompt=prompt,
+        spec=spec,
+        features=(),
+        json_mode=False,
+        stream=body.stream,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        return_token_ids=body.return_token_ids,
+        renderers=renderers,
+    )

@@ -1,0 +1,67 @@
+"""Request → GenerationJob for chat and completions, with the engine left out (the dev tokenizer)."""
+
+from types import SimpleNamespace
+
+import pytest
+from transformers import AutoTokenizer
+
+from jamba_server.errors import InvalidRequestError
+from jamba_server.prepare import prepare_chat, prepare_completion
+from jamba_server.protocol import ChatCompletionRequest, CompletionRequest
+from jamba_server.settings import DEFAULT_TEMPLATE, Settings
+
+TEMPLATE = DEFAULT_TEMPLATE.read_text(encoding="utf-8")
+SETTINGS = Settings(model="m", max_tokens_limit=64)
+
+
+class SpyTokenizer:
+    """The dev tokenizer, recording how many ids it was asked to decode."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.decoded: list[int] = []
+
+    def decode(self, ids, **kwargs):
+        self.decoded.append(len(ids))
+        return self._tokenizer.decode(ids, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+@pytest.fixture(scope="module")
+def engine(dev_model):
+    return SimpleNamespace(tokenizer=SpyTokenizer(AutoTokenizer.from_pretrained(dev_model)), max_model_len=1024, vocab_size=1024)
+
+
+def test_chat_job_carries_prompt_spec_features_and_renderers(engine):
+    body = ChatCompletionRequest.model_validate({
+        "model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+        "stream_options": {"include_usage": True}, "response_format": {"type": "json_object"},
+    })  # fmt: skip
+    job = prepare_chat(body, engine, SETTINGS, TEMPLATE)
+    assert job.id_prefix == "chatcmpl" and job.stream and job.include_usage and job.json_mode
+    assert job.features == ("json_mode",)
+    assert job.prompt.text.endswith("<|bom|><|assistant|>") and job.prompt.token_ids[0] == 1
+    assert job.spec.max_tokens == 64  # the server's cap, as the default
+    streamer = job.renderers.streamer("chatcmpl-1", "served")
+    assert '"role":"assistant"' in job.renderers.opening(streamer).replace(" ", "")
+
+
+def test_completion_echo_is_decoded_only_after_the_length_check(engine):
+    engine.tokenizer.decoded.clear()
+    too_long = CompletionRequest(model="m", prompt=[5] * 2000, echo=True, max_tokens=4)
+    with pytest.raises(InvalidRequestError):
+        prepare_completion(too_long, engine, SETTINGS)
+    assert engine.tokenizer.decoded == []  # a 2M-id prompt would have been decoded before the 400
+    fits = CompletionRequest(model="m", prompt=[5] * 10, echo=True, max_tokens=4)
+    job = prepare_completion(fits, engine, SETTINGS)
+    assert engine.tokenizer.decoded == [10] and job.prompt.text
+    accumulator = job.renderers.accumulator("cmpl-1", "served")
+    assert accumulator.build().choices[0].text == job.prompt.text  # the echo leads the text
+
+
+def test_completion_token_ids_outside_the_vocabulary(engine):
+    with pytest.raises(InvalidRequestError) as info:
+        prepare_completion(CompletionRequest(model="m", prompt=[1, 5000]), engine, SETTINGS)
+    assert info.value.param == "prompt"
