@@ -27,6 +27,7 @@ from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
 
 from jamba_server.core.outputs import ChoiceDelta, EngineStep, TokenLogprob
+from jamba_server.core.prompt import control_spellings
 from jamba_server.core.sampling import SamplingSpec
 from jamba_server.errors import (
     APIError,
@@ -98,6 +99,7 @@ class EngineAdapter:
             source, trust_remote_code=self.settings.trust_remote_code, revision=revision
         )
         self.tokenizer = tokenizer
+        control_spellings(tokenizer)  # the prompt builder's per-tokenizer setup, at start-up
         self._stop_token_ids = [i for i in map(self.token_id, STOP_TOKENS) if i is not None]
         self._control_token_ids = _control_char_tokens(tokenizer)
         return tokenizer

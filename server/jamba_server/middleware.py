@@ -108,26 +108,29 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive_limited, send_wrapper)
         except Exception as exc:  # noqa: BLE001 - the last resort: an exception no handler mapped
-            # Handled here, inside this middleware, so the 500 carries the request id and is counted
-            # as one; not re-raised, so neither Starlette nor uvicorn logs the traceback again.
-            info["error"] = type(exc).__name__
-            logger.error(
-                "unhandled %s in %s %s (request %s)\n%s",
-                type(exc).__name__, scope["method"], scope["path"], request_id, bounded_traceback(exc),
-            )  # fmt: skip
-            try:
-                if not status["code"]:
-                    await self._send_error(
-                        InternalServerError("The server had an error while processing your request."), send_wrapper
-                    )
-            finally:
-                # Counted as a 500 also when the response had started (a stream cut short);
-                # uvicorn then closes the connection.
-                self._finish(scope, info, 500, started)
+            await self._unhandled(exc, scope, info, bool(status["code"]), send_wrapper, started)
         finally:
             HTTP_IN_FLIGHT.dec()
             if not info.get("_finished"):  # the client left before the end (the task was cancelled)
                 self._finish(scope, info, status["code"] or 499, started)
+
+    async def _unhandled(
+        self, exc: Exception, scope: Scope, info: dict[str, Any], started_response: bool, send: Send, started: float
+    ) -> None:
+        """Handled here, inside this middleware, so the 500 carries the request id and is counted as
+        one; not re-raised, so neither Starlette nor uvicorn logs the traceback again."""
+        info["error"] = type(exc).__name__
+        logger.error(
+            "unhandled %s in %s %s (request %s)\n%s",
+            type(exc).__name__, scope["method"], scope["path"], info["request_id"], bounded_traceback(exc),
+        )  # fmt: skip
+        try:
+            if not started_response:
+                await self._send_error(InternalServerError("The server had an error while processing your request."), send)
+        finally:
+            # Counted as a 500 also when the response had started (a stream cut short);
+            # uvicorn then closes the connection.
+            self._finish(scope, info, 500, started)
 
     def _too_large(self) -> RequestTooLargeError:
         return RequestTooLargeError(f"The request body is larger than {self.max_body_bytes} bytes.")

@@ -135,17 +135,17 @@ class ControlSpellings:
         spellings as plain text."""
         if not placeholders:
             return tokenizer.encode(text, add_special_tokens=False)
-        restore = re.compile("|".join(re.escape(p) for p in placeholders))
         ids: list[int] = []
         for i, piece in enumerate(self._split.split(text)):
             if i % 2:
                 ids.append(self._ids[piece])
             elif piece:
-                plain = restore.sub(lambda m: placeholders[m.group(0)], piece)
-                ids.extend(self._text_only.encode(plain, add_special_tokens=False).ids)
+                ids.extend(self._text_only.encode(self.restore(piece, placeholders), add_special_tokens=False).ids)
         return ids
 
-    def restore(self, text: str, placeholders: dict[str, str]) -> str:
+    @staticmethod
+    def restore(text: str, placeholders: dict[str, str]) -> str:
+        """`text` with the placeholders swapped back for the client's spellings."""
         for token, spelling in placeholders.items():
             text = text.replace(token, spelling)
         return text
@@ -166,7 +166,8 @@ _SPELLINGS: dict[int, tuple[Any, ControlSpellings]] = {}
 
 
 def control_spellings(tokenizer: ChatTokenizer) -> ControlSpellings:
-    """One `ControlSpellings` per tokenizer object (kept with it, so its id is never reused)."""
+    """One `ControlSpellings` per tokenizer object (kept with it, so its id is never reused). The
+    engine adapter builds it when it loads the tokenizer, so no request pays for the copy and check."""
     entry = _SPELLINGS.get(id(tokenizer))
     if entry is None or entry[0] is not tokenizer:
         entry = _SPELLINGS[id(tokenizer)] = (tokenizer, ControlSpellings(tokenizer))
