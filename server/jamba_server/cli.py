@@ -6,10 +6,10 @@ import asyncio
 import os
 import signal
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from jamba_server.logs import configure_logging
-from jamba_server.settings import SettingsError, load_settings
+from jamba_server.settings import Settings, SettingsError, load_settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,46 +24,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     # a variable already set in the real environment wins.
     for name, value in settings.env.items():
         os.environ.setdefault(name, value)
+    return serve(settings)
 
+
+def serve(settings: Settings) -> int:
+    """Run the server until it is stopped (0) or its engine fails (1)."""
     import uvicorn
 
-    from jamba_server.app import create_app
-    from jamba_server.engine import EngineAdapter
+    from jamba_server.http.app import create_app
+    from jamba_server.runtime.vllm_engine import EngineAdapter
 
-    exit_code = 0
-    server: DrainingServer | None = None
+    failed: list[str] = []
+    server: Any = None
 
     def on_fatal(reason: str) -> None:
-        nonlocal exit_code
-        exit_code = 1
+        failed.append(reason)
         if server is not None:
             server.should_exit = True
 
     app = create_app(settings, EngineAdapter(settings), on_fatal=on_fatal)
-
-    class DrainingServer(uvicorn.Server):
-        """First SIGTERM/SIGINT drains (ready → 503, new requests 503, in-flight finish), then exits;
-        a second one exits at once."""
-
-        drain_started = False
-        loop: asyncio.AbstractEventLoop | None = None
-
-        async def serve(self, sockets: list | None = None) -> None:
-            self.loop = asyncio.get_running_loop()
-            await super().serve(sockets)
-
-        def handle_exit(self, sig: int, frame: object) -> None:
-            if self.drain_started or exit_code or self.loop is None:
-                return super().handle_exit(sig, frame)
-            self.drain_started = True
-            # Runs as a signal handler: hand the drain to the event loop thread-safely.
-            loop = self.loop
-            loop.call_soon_threadsafe(lambda: loop.create_task(self._drain()))
-
-        async def _drain(self) -> None:
-            await app.state.server.drain()
-            self.should_exit = True
-
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -75,13 +54,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_keep_alive=settings.timeout_keep_alive,
         limit_concurrency=settings.limit_concurrency,
     )
-    server = DrainingServer(config)
+    server = draining_server(config, app.state.server, lambda: bool(failed))
     # uvicorn re-raises the signal it stopped on once it has shut down; a drained SIGTERM/SIGINT
     # is a clean exit (status 0), so make that re-raise a no-op.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run()
-    return exit_code
+    return 1 if failed else 0
+
+
+def draining_server(config: Any, runtime: Any, failed: Callable[[], bool]) -> Any:
+    """A uvicorn server whose first SIGTERM/SIGINT drains `runtime` (ready → 503, new requests 503,
+    in-flight finish), then exits; a second one, or one after a failure, exits at once."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        drain_started = False
+        loop: asyncio.AbstractEventLoop | None = None
+
+        async def serve(self, sockets: list | None = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            if self.drain_started or failed() or self.loop is None:
+                return super().handle_exit(sig, frame)
+            self.drain_started = True
+            # Runs as a signal handler: hand the drain to the event loop thread-safely.
+            loop = self.loop
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._drain()))
+
+        async def _drain(self) -> None:
+            await runtime.drain()
+            self.should_exit = True
+
+    return DrainingServer(config)
 
 
 def run() -> None:

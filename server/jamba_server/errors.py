@@ -61,6 +61,15 @@ class ServiceUnavailableError(APIError):
     default_code = "service_unavailable"
 
 
+def shutting_down(retry_after: int) -> ServiceUnavailableError:
+    """The draining server's refusal, wherever a request meets it (readiness, admission)."""
+    return ServiceUnavailableError(
+        "The server is shutting down; retry on another replica.",
+        code="shutting_down",
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
 class AuthenticationError(APIError):
     status_code = 401
     default_code = "invalid_api_key"
@@ -91,3 +100,10 @@ class InternalServerError(APIError):
     status_code = 500
     error_type = "server_error"
     default_code = "internal_error"
+
+
+class ClientDisconnected(APIError):
+    """The client went away before the response; nothing is sent, only logged and counted."""
+
+    status_code = 499  # nginx's "client closed request"
+    default_code = "client_disconnected"

@@ -13,7 +13,7 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from jamba_server.auth import MIN_API_KEY_LENGTH, check_api_keys
+from jamba_server.http.auth import MIN_API_KEY_LENGTH, check_api_keys
 
 ENV_PREFIX = "JAMBA_"
 DEFAULT_TEMPLATE = Path(__file__).parent / "templates" / "jamba-1.5.jinja"
@@ -67,7 +67,7 @@ class Settings(BaseModel):
     # client that stops reading cannot keep an admission slot.
     stream_write_timeout: float = Field(30.0, gt=0)
 
-    # Admission control (see admission.py)
+    # Admission control (see runtime/admission.py)
     # Engine slots, in sequences (a request with n choices takes n); default the engine's max_num_seqs.
     max_concurrent_requests: int | None = Field(None, ge=1)
     max_queued_requests: int = Field(256, ge=0)

@@ -63,7 +63,7 @@ def set_by_the_project() -> dict[str, set[str]]:
 def test_the_scan_sees_what_the_project_sets():
     found = set_by_the_project()
     assert "configs/dev-cpu.yaml" in found["VLLM_CPU_KVCACHE_SPACE"]
-    assert "server/jamba_server/engine.py" in found["VLLM_CPU_OMP_THREADS_BIND"]
+    assert "server/jamba_server/runtime/vllm_engine.py" in found["VLLM_CPU_OMP_THREADS_BIND"]
     assert "docker/Dockerfile" in found["VLLM_CACHE_ROOT"]
     assert any(path.startswith("deploy/k8s/") for path in found["VLLM_HOST_IP"])
 

@@ -2,7 +2,8 @@ import asyncio
 
 import pytest
 
-from jamba_server.admission import AdmissionController, check_chat_limits
+from jamba_server.core.limits import check_chat_limits
+from jamba_server.runtime.admission import AdmissionController
 from jamba_server.errors import InvalidRequestError, RateLimitError, RequestTooLargeError, ServiceUnavailableError
 from jamba_server.protocol import ChatCompletionRequest
 from jamba_server.settings import Settings

@@ -7,7 +7,7 @@ import time
 
 from fastapi.testclient import TestClient
 
-from jamba_server.app import create_app
+from jamba_server.http.app import create_app
 from jamba_server.settings import Settings
 
 
@@ -92,7 +92,7 @@ def test_drain_begun_while_loading_survives_the_engine_start():
     with client_with_engine_held() as (client, state, finish_start):
         state.admission.start_draining()  # what a SIGTERM during model load does first
         finish_start.set()
-        assert wait_until(lambda: state.started)
+        assert wait_until(lambda: state.readiness.started)
         refused = client.get("/ready")
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "shutting_down"

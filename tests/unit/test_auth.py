@@ -2,7 +2,7 @@ import hmac
 
 import pytest
 
-from jamba_server.auth import MIN_API_KEY_LENGTH, ApiKeyChecker
+from jamba_server.http.auth import MIN_API_KEY_LENGTH, ApiKeyChecker
 
 K1, K2 = "sk-test-key-one-0123456789", "sk-test-key-two-0123456789"
 

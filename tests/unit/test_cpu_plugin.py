@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from jamba_server import cpu_plugin
+from jamba_server.runtime import cpu_plugin
 
 DIM, DSTATE = 6, 4
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jamba_server.engine import _cpu_thread_binding, platform_engine_kwargs
+from jamba_server.runtime.vllm_engine import _cpu_thread_binding, platform_engine_kwargs
 from jamba_server.settings import load_settings
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -58,7 +58,7 @@ GPUS = {  # what NVML reports: total memory, device name
 }
 GPU_PRESETS = sorted(p.stem for p in CONFIGS.glob("jamba-1.5-*.yaml"))
 FLAGS_ONLY = ["--model", "ai21labs/AI21-Jamba-1.5-Mini", "--tensor-parallel-size", "2"]
-# Set on purpose (see engine.py): grammar-constrained JSON without free whitespace.
+# Set on purpose (see runtime/vllm_engine.py): grammar-constrained JSON without free whitespace.
 DELIBERATE = {"structured_outputs_config"}
 # vLLM's CLI default and dataclass default differ for this multimodal-only field (None vs True).
 NOT_FOR_TEXT_MODELS = {"mm_device_do_normalize"}
@@ -122,7 +122,7 @@ def test_engine_args_equal_what_vllm_serve_derives(monkeypatch, preset, gpu):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
 
-    from jamba_server.engine import USAGE_CONTEXT
+    from jamba_server.runtime.vllm_engine import USAGE_CONTEXT
 
     argv = FLAGS_ONLY if preset == "flags only" else ["--config", str(CONFIGS / f"{preset}.yaml")]
     fake_gpu(monkeypatch, gpu)
@@ -155,7 +155,7 @@ def test_usage_context_is_what_sizes_the_batch(monkeypatch):
 def test_the_adapter_builds_the_engine_in_that_context(monkeypatch):
     from vllm.usage.usage_lib import UsageContext
 
-    from jamba_server import engine
+    from jamba_server.runtime import vllm_engine as engine
 
     seen = {}
 
@@ -175,7 +175,7 @@ def test_the_adapter_builds_the_engine_in_that_context(monkeypatch):
 
 @pytest.mark.parametrize(("flags", "expected"), [([], "abc123"), (["--tokenizer", "other/tok"], None)])
 def test_our_tokenizer_follows_the_models_revision(monkeypatch, flags, expected):
-    from jamba_server import engine
+    from jamba_server.runtime import vllm_engine as engine
 
     seen = {}
 
@@ -192,7 +192,7 @@ def test_our_tokenizer_follows_the_models_revision(monkeypatch, flags, expected)
 
 def test_a_grammar_compiler_out_of_stack_is_the_clients_400(monkeypatch):
     """A RecursionError from vLLM's xgrammar check (a RuntimeError) is a 400 naming the schema's field."""
-    import jamba_server.engine as engine
+    import jamba_server.runtime.vllm_engine as engine
     from jamba_server.core.sampling import SamplingSpec
     from jamba_server.errors import InvalidRequestError
     from jamba_server.settings import Settings

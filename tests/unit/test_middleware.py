@@ -9,9 +9,9 @@ from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
-from jamba_server.auth import ApiKeyChecker
+from jamba_server.http.auth import ApiKeyChecker
 from jamba_server.logs import MAX_TRACEBACK_CHARS, bounded_traceback
-from jamba_server.middleware import RequestContextMiddleware
+from jamba_server.http.middleware import RequestContextMiddleware
 
 
 def _recurse(n: int) -> int:

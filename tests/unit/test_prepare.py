@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from jamba_server.errors import InvalidRequestError
-from jamba_server.prepare import prepare_chat, prepare_completion
+from jamba_server.core.prepare import prepare_chat, prepare_completion
 from jamba_server.protocol import ChatCompletionRequest, CompletionRequest
 from jamba_server.settings import DEFAULT_TEMPLATE, Settings
 
@@ -31,7 +31,8 @@ class SpyTokenizer:
 
 @pytest.fixture(scope="module")
 def engine(dev_model):
-    return SimpleNamespace(tokenizer=SpyTokenizer(AutoTokenizer.from_pretrained(dev_model)), max_model_len=1024, vocab_size=1024)
+    tokenizer = SpyTokenizer(AutoTokenizer.from_pretrained(dev_model))
+    return SimpleNamespace(tokenizer=tokenizer, max_model_len=1024, vocab_size=1024, engine_params=lambda spec: spec)
 
 
 def test_chat_job_carries_prompt_spec_features_and_renderers(engine):

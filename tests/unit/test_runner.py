@@ -1,6 +1,7 @@
-"""The request runner (today `ServerState.collect` / `stream` in lifecycle.py) against a fake engine:
-the order of admission, engine steps, writes and release, for each way a request can end. Written
-against today's behaviour, to stay green when the runner moves into its own module.
+"""The request runner (runtime/runner.py) and the pipeline's `collect` / `stream` (http/pipeline.py)
+against a fake engine: the order of admission, engine steps, writes and release, for each way a
+request can end. Written against the behaviour before the runner moved into its own module (then
+`ServerState.collect` / `stream`), and kept green through the move.
 
 Every scenario checks the invariant that matters most: the admission ticket is released exactly once
 and the engine request is closed, however the request ends.
@@ -15,8 +16,10 @@ import pytest
 from starlette.requests import Request
 
 from jamba_server.core.outputs import ChoiceDelta, EngineStep
-from jamba_server.errors import APIError, RequestTimeoutError, ServiceUnavailableError
-from jamba_server.lifecycle import ClientDisconnected, ServerState
+from jamba_server.errors import APIError, ClientDisconnected, RequestTimeoutError, ServiceUnavailableError
+from jamba_server.http.pipeline import EventSource, collect, stream
+from jamba_server.runtime.runner import EngineRequest
+from jamba_server.runtime.server import Server
 from jamba_server.settings import Settings
 
 SPEC = SimpleNamespace(max_tokens=8, n=1)
@@ -31,6 +34,7 @@ class FakeEngine:
     an EngineStep to yield, an exception to raise, or "hang" (wait until closed)."""
 
     max_num_seqs = 2
+    max_model_len = 64
     ready = True
     dead = False
 
@@ -91,8 +95,8 @@ class Client:
         return Request({"type": "http", "method": "POST", "path": "/", "headers": []}, self.receive)
 
 
-def make_state(engine: FakeEngine, **settings) -> ServerState:
-    state = ServerState(Settings(model="m", **settings), adapter=engine)
+def make_state(engine: FakeEngine, **settings) -> Server:
+    state = Server(Settings(model="m", **settings), engine)
     state.engine_started()
     return state
 
@@ -101,18 +105,23 @@ def chunks(step: EngineStep) -> list[str]:
     return [step.choices[0].text]
 
 
+def engine_request() -> EngineRequest:
+    return EngineRequest("r1", [1, 2, 3], SPEC, params=SPEC, deadline=None, observer=Metrics())
+
+
 async def run_collect(state, client, on_step):
-    await state.collect(client.request(), "r1", [1, 2, 3], SPEC, on_step, Metrics())
+    await collect(client.request(), state.runner, engine_request(), on_step)
 
 
 async def run_stream(state, client):
-    response = await state.stream(client.request(), "r1", [1, 2, 3], SPEC, chunks, "open", lambda: "usage", Metrics())
+    source = EventSource(on_step=chunks, opening="open", closing=lambda: "usage")
+    response = await stream(client.request(), state.runner, engine_request(), source, write_timeout=30)
     scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
     await response(scope, client.receive, client.send)
     return b"".join(client.body).decode()
 
 
-def released(state: ServerState) -> bool:
+def released(state: Server) -> bool:
     return (state.admission.running, state.admission.running_sequences, state.admission.queued) == (0, 0, 0)
 
 
@@ -262,7 +271,7 @@ def test_drain_refuses_new_work_waits_then_aborts_what_is_left():
         await state.drain()  # returns once nothing is in flight
         assert task.done() and isinstance(task.exception(), ServiceUnavailableError)
         with pytest.raises(APIError) as refused:
-            state.check_ready()
+            state.readiness.check()
         assert refused.value.code == "shutting_down"
         return engine, state
 

@@ -139,6 +139,33 @@ def _validate(request: ChatFeatures) -> None:
         _check_schema(fmt.json_schema.schema_, "response_format.json_schema.schema")
 
 
+def _output_constraint(request: ChatFeatures, choice: Any, forced_tool: bool) -> OutputConstraint | None:
+    fmt = request.response_format
+    if forced_tool:
+        only = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        return OutputConstraint(tool_calls_schema(request, only), "tools")
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.json_schema is not None:
+        return OutputConstraint(fmt.json_schema.schema_, "response_format.json_schema.schema")
+    return OutputConstraint(ANY_OBJECT, "response_format")
+
+
+def _feature_labels(request: ChatFeatures) -> tuple[str, ...]:
+    """Metric labels: which of Jamba's features the request uses."""
+    fmt_type = request.response_format.type if request.response_format is not None else None
+    labels = []
+    if request.tools:
+        labels.append("tools")
+    if request.documents:
+        labels.append("documents")
+    if fmt_type == "json_object":
+        labels.append("json_mode")
+    if fmt_type == "json_schema":
+        labels.append("json_schema")
+    return tuple(labels)
+
+
 def plan_chat(request: ChatFeatures) -> ChatPlan:
     """Validate the request's features and decide prompt inputs, constraints and parsing."""
     _validate(request)
@@ -166,15 +193,7 @@ def plan_chat(request: ChatFeatures) -> ChatPlan:
     if knobs:
         inputs["knobs"] = knobs
 
-    constraint = None
-    if forced_tool:
-        only = choice.function.name if isinstance(choice, NamedToolChoice) else None
-        constraint = OutputConstraint(tool_calls_schema(request, only), "tools")
-    elif json_mode:
-        if fmt.json_schema is not None:
-            constraint = OutputConstraint(fmt.json_schema.schema_, "response_format.json_schema.schema")
-        else:
-            constraint = OutputConstraint(ANY_OBJECT, "response_format")
+    constraint = _output_constraint(request, choice, forced_tool)
 
     tool_names = None
     if request.tools and choice != "none":
@@ -186,15 +205,6 @@ def plan_chat(request: ChatFeatures) -> ChatPlan:
         citation_mode=request.citation_mode == "fast",
         starts_in_tool_block=forced_tool,
     )
-    labels = []
-    if request.tools:
-        labels.append("tools")
-    if request.documents:
-        labels.append("documents")
-    if fmt is not None and fmt.type == "json_object":
-        labels.append("json_mode")
-    if fmt is not None and fmt.type == "json_schema":
-        labels.append("json_schema")
     return ChatPlan(
         template_inputs=inputs,
         prompt_suffix=TOOL_BLOCK_PREFIX if forced_tool else "",
@@ -202,7 +212,7 @@ def plan_chat(request: ChatFeatures) -> ChatPlan:
         # With tool_choice "none" the model must not open a tool-call block at all.
         banned_tokens=(TOOL_OPEN,) if request.tools and choice == "none" else (),
         parser=parser,
-        feature_labels=tuple(labels),
+        feature_labels=_feature_labels(request),
     )
 
 

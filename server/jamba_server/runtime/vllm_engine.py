@@ -177,6 +177,14 @@ class EngineAdapter:
                 ) from exc
         return params
 
+    def engine_params(self, spec: SamplingSpec) -> SamplingParams:
+        """The request's vLLM parameters, checked as vLLM would check them (grammar compiled): the
+        last step of preparing a request, so anything vLLM would refuse is a 400 before admission."""
+        try:
+            return self.sampling_params(spec)
+        except (ValueError, VLLMClientError) as exc:
+            raise InvalidRequestError(str(exc)) from exc
+
     @property
     def max_num_seqs(self) -> int | None:
         return self.engine.vllm_config.scheduler_config.max_num_seqs if self.engine else None
@@ -206,7 +214,7 @@ class EngineAdapter:
     async def generate(
         self,
         prompt_token_ids: list[int],
-        spec: SamplingSpec,
+        params: SamplingParams,
         request_id: str,
         deadline: float | None = None,
     ) -> AsyncIterator[EngineStep]:
@@ -217,11 +225,7 @@ class EngineAdapter:
         """
         if not self.ready:
             raise ServiceUnavailableError("the engine is not available")
-        try:
-            params = self.sampling_params(spec)
-        except (ValueError, VLLMClientError) as exc:
-            raise InvalidRequestError(str(exc)) from exc
-        want = spec.logprobs
+        want = params.logprobs
         prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
         loop = asyncio.get_running_loop()
         timer = None

@@ -1,7 +1,8 @@
 """Request → `GenerationJob`: every check a generation request passes, in one fixed order, and what
-the one generation pipeline (app.py, `run_job`) needs to run it and to render its output.
+the one generation pipeline (http/pipeline.py, `run_job`) needs to run it and to render its output.
 
-A wire protocol is a `prepare_*` function here plus its renderers (core/responses.py): the prompt,
+A wire protocol is a `prepare_*` function here plus its renderers (core/responses.py) and a route
+module (http/routes/): the prompt,
 the sampling spec and the feature labels come out of `prepare`, and the job's `renderers` build the
 protocol's stream events or response object from engine steps. Synchronous and free of the event
 loop, so the pipeline can run a large one in a worker thread.
@@ -13,13 +14,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from jamba_server.admission import check_chat_limits, check_completion_limits
 from jamba_server.core import prompt as prompts
 from jamba_server.core.features import plan_chat
+from jamba_server.core.limits import check_chat_input_limits, check_chat_limits, check_completion_limits
 from jamba_server.core.responses import ChatAccumulator, ChatStreamer, CompletionAccumulator, CompletionStreamer
 from jamba_server.core.sampling import SamplingSpec, sampling_spec
 from jamba_server.errors import InvalidRequestError
-from jamba_server.protocol import ChatCompletionRequest, CompletionRequest
+from jamba_server.protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest
 from jamba_server.settings import Settings
 
 
@@ -29,6 +30,8 @@ class EngineFacts(Protocol):
     tokenizer: Any
     max_model_len: int
     vocab_size: int
+
+    def engine_params(self, spec: SamplingSpec) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class GenerationJob:
     id_prefix: str  # of the response id: `chatcmpl`, `cmpl`
     prompt: prompts.Prompt
     spec: SamplingSpec
+    engine_params: Any  # `spec` as the engine's own, checked parameters
     features: tuple[str, ...]  # metric labels
     json_mode: bool
     stream: bool
@@ -55,7 +59,8 @@ class GenerationJob:
 
 
 def prepare_chat(body: ChatCompletionRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> GenerationJob:
-    """Limits → feature plan → prompt (rendered, tokenized by provenance) → sampling spec."""
+    """Limits → feature plan → prompt (rendered, tokenized by provenance) → sampling spec → the
+    engine's parameters (the output constraint compiled)."""
     check_chat_limits(body, settings)
     plan = plan_chat(body)
     prompt = prompts.render_chat(engine.tokenizer, chat_template, plan.template_inputs, True, plan.prompt_suffix)
@@ -79,6 +84,7 @@ def prepare_chat(body: ChatCompletionRequest, engine: EngineFacts, settings: Set
         id_prefix="chatcmpl",
         prompt=prompt,
         spec=spec,
+        engine_params=engine.engine_params(spec),
         features=plan.feature_labels,
         json_mode=not {"json_mode", "json_schema"}.isdisjoint(plan.feature_labels),
         stream=body.stream,
@@ -90,7 +96,7 @@ def prepare_chat(body: ChatCompletionRequest, engine: EngineFacts, settings: Set
 
 def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: Settings) -> GenerationJob:
     """Limits → prompt (raw text, or token ids checked against the vocabulary) → sampling spec →
-    echo text (decoded only once the length is known to fit)."""
+    echo text (decoded only once the length is known to fit) → the engine's parameters."""
     check_completion_limits(body, settings)
     if isinstance(body.prompt, str):
         prompt = prompts.encode_prompt(engine.tokenizer, body.prompt)
@@ -120,6 +126,7 @@ def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: S
         id_prefix="cmpl",
         prompt=prompt,
         spec=spec,
+        engine_params=engine.engine_params(spec),
         features=(),
         json_mode=False,
         stream=body.stream,
@@ -127,3 +134,13 @@ def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: S
         return_token_ids=body.return_token_ids,
         renderers=renderers,
     )
+
+
+def prepare_tokenize(body: TokenizeRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> prompts.Prompt:
+    """The prompt a chat or completions request would get, through the same checks and rendering."""
+    if body.messages is None:
+        return prompts.encode_prompt(engine.tokenizer, body.prompt or "", body.add_special_tokens)
+    check_chat_input_limits(body, settings)
+    plan = plan_chat(body)
+    suffix = plan.prompt_suffix if body.add_generation_prompt else ""
+    return prompts.render_chat(engine.tokenizer, chat_template, plan.template_inputs, body.add_generation_prompt, suffix)

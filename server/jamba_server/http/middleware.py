@@ -12,7 +12,7 @@ from typing import Any, Awaitable, Callable
 
 from starlette.exceptions import HTTPException
 
-from jamba_server.auth import ApiKeyChecker
+from jamba_server.http.auth import ApiKeyChecker
 from jamba_server.errors import APIError, AuthenticationError, InternalServerError, RequestTooLargeError
 from jamba_server.logs import ACCESS_LOGGER, bounded_traceback
 from jamba_server.metrics import HTTP_DURATION, HTTP_IN_FLIGHT, HTTP_REQUESTS, record_rejection

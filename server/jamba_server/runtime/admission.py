@@ -1,21 +1,18 @@
-"""Admission control and request limits: what the server accepts, and how much at once.
+"""Admission control: how much the server runs at once, and who waits.
 
 - `AdmissionController`: at most `max_running` sequences (a request with `n` choices is `n` of the
   engine's `max_num_seqs`; and optionally `max_tokens_in_flight` prompt + max_tokens) in the engine
   at once, a FIFO queue of at most `max_queued` requests behind them, 429 with Retry-After beyond
   that, 503 while draining. Decided before any engine work.
-- `check_chat_limits` / `check_completion_limits`: per-request size limits, each naming its param.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import deque
 from dataclasses import dataclass, field
 
-from jamba_server.errors import InvalidRequestError, RateLimitError, RequestTooLargeError, ServiceUnavailableError
-from jamba_server.protocol import ChatCompletionRequest, ChatFeatures, CompletionRequest, SamplingFields
+from jamba_server.errors import RateLimitError, shutting_down
 from jamba_server.settings import Settings
 
 
@@ -75,11 +72,7 @@ class AdmissionController:
     def check_open(self) -> None:
         """Fail fast (before tokenizing) when draining or when even the queue is full."""
         if self.draining:
-            raise ServiceUnavailableError(
-                "The server is shutting down; retry on another replica.",
-                code="shutting_down",
-                headers=self._retry_headers(),
-            )
+            raise shutting_down(self.retry_after)
         if self.running_sequences >= self.max_running and len(self._queue) >= self.max_queued:
             self._reject()
 
@@ -127,77 +120,21 @@ class AdmissionController:
     def start_draining(self) -> None:
         self.draining = True
 
+    def resize(self, max_running: int) -> None:
+        """Size to the engine once it is up (`max_num_seqs`), keeping everything else (a drain begun
+        while the model loaded stays begun)."""
+        self.max_running = max_running
+        self._wake()
+
+
+def running_limit(settings: Settings, engine_slots: int | None) -> int:
+    return settings.max_concurrent_requests or engine_slots or 256
+
 
 def controller_for(settings: Settings, engine_slots: int | None) -> AdmissionController:
     return AdmissionController(
-        max_running=settings.max_concurrent_requests or engine_slots or 256,
+        max_running=running_limit(settings, engine_slots),
         max_queued=settings.max_queued_requests,
         max_tokens=settings.max_tokens_in_flight,
         retry_after=settings.retry_after_seconds,
     )
-
-
-# ------------------------------------------------------------------------------- limits
-
-
-def _too_many(what: str, count: int, limit: int, param: str) -> InvalidRequestError:
-    return InvalidRequestError(f"too many {what}: {count} (limit {limit})", param=param)
-
-
-def _check_sampling(request: SamplingFields, max_tokens: int | None, settings: Settings, param: str) -> None:
-    if request.n > settings.max_n:
-        raise _too_many("choices", request.n, settings.max_n, "n")
-    if settings.max_tokens_limit is not None and max_tokens is not None and max_tokens > settings.max_tokens_limit:
-        raise InvalidRequestError(
-            f"{param} is {max_tokens}; this server allows at most {settings.max_tokens_limit}", param=param
-        )
-    stops = request.stop_list()
-    if len(stops) > settings.max_stop_sequences:
-        raise _too_many("stop sequences", len(stops), settings.max_stop_sequences, "stop")
-    for stop in stops:
-        if len(stop) > settings.max_stop_length:
-            raise InvalidRequestError(
-                f"a stop sequence is {len(stop)} characters (limit {settings.max_stop_length})", param="stop"
-            )
-
-
-def _schema_bytes(schema: object) -> int:
-    return len(json.dumps(schema, ensure_ascii=False).encode("utf-8"))
-
-
-def check_chat_limits(request: ChatCompletionRequest, settings: Settings) -> None:
-    max_param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
-    _check_sampling(request, request.requested_max_tokens(), settings, max_param)
-    check_chat_input_limits(request, settings)
-
-
-def check_chat_input_limits(request: ChatFeatures, settings: Settings) -> None:
-    """The limits on what a chat request renders into the prompt (also for /tokenize)."""
-    if len(request.messages) > settings.max_messages:
-        raise _too_many("messages", len(request.messages), settings.max_messages, "messages")
-    tools = request.tools or []
-    if len(tools) > settings.max_tools:
-        raise _too_many("tools", len(tools), settings.max_tools, "tools")
-    for i, tool in enumerate(tools):
-        if tool.function.parameters is not None and _schema_bytes(tool.function.parameters) > settings.max_schema_bytes:
-            raise RequestTooLargeError(
-                f"tool schema over {settings.max_schema_bytes} bytes", param=f"tools[{i}].function.parameters"
-            )
-    fmt = request.response_format
-    if fmt is not None and fmt.json_schema is not None:
-        if _schema_bytes(fmt.json_schema.schema_) > settings.max_schema_bytes:
-            raise RequestTooLargeError(
-                f"response schema over {settings.max_schema_bytes} bytes", param="response_format.json_schema.schema"
-            )
-    documents = request.documents or []
-    if len(documents) > settings.max_documents:
-        raise _too_many("documents", len(documents), settings.max_documents, "documents")
-    total = sum(len(d.text) for d in documents)
-    if total > settings.max_document_chars:
-        raise RequestTooLargeError(
-            f"documents hold {total} characters of text (limit {settings.max_document_chars})", param="documents"
-        )
-
-
-def check_completion_limits(request: CompletionRequest, settings: Settings) -> None:
-    _check_sampling(request, request.max_tokens, settings, "max_tokens")

@@ -1,0 +1,75 @@
+"""Errors to responses, once for the whole app (as vLLM's `exception_handling/register.py`): typed
+`APIError`s raised anywhere, FastAPI's validation errors and Starlette's HTTP errors all become
+OpenAI's error envelope with the right status.
+
+An exception none of these maps is the request middleware's last resort (a 500 with the request id):
+Starlette would run a handler for `Exception` outside every middleware (no request id, counted as
+499, logged twice).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jamba_server.errors import APIError, InvalidRequestError, NotFoundError, RequestTooLargeError
+from jamba_server.metrics import record_rejection
+
+
+def _param_path(loc: tuple[Any, ...]) -> str | None:
+    parts = [p for p in loc if p != "body"]
+    if not parts or not isinstance(parts[0], str):
+        return None
+    path = parts[0]
+    for part in parts[1:]:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        return InvalidRequestError(f"The request body is not valid JSON: {first.get('msg')}")
+    param = _param_path(tuple(first.get("loc", ())))
+    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    return InvalidRequestError(f"{param}: {message}" if param else message, param=param)
+
+
+def http_error(exc: StarletteHTTPException) -> APIError:
+    error: APIError
+    if exc.status_code == 404:
+        error = NotFoundError(str(exc.detail))
+    elif exc.status_code == 413:
+        error = RequestTooLargeError(str(exc.detail))
+    else:
+        error = InvalidRequestError(str(exc.detail))
+        error.status_code = exc.status_code
+    error.headers = dict(exc.headers or {}) or None
+    return error
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.envelope(), status_code=error.status_code, headers=error.headers)
+
+
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    record_rejection(exc.status_code, exc.code)
+    return error_response(exc)
+
+
+async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(validation_error(exc))
+
+
+async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return error_response(http_error(exc))
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, _api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http)  # type: ignore[arg-type]

@@ -1,0 +1,191 @@
+"""The one generation pipeline, whatever the wire protocol: a route checks the model and readiness
+(`begin_generation`), prepares its protocol's `GenerationJob` (`prepare_job`, off the event loop when
+large) and hands it to `run_job`, which names the request, meters it, runs it on the engine through
+the runner and streams or collects the protocol's output with the job's renderers.
+
+`collect` and `stream` hold the HTTP side of running a request: a client that goes away cancels
+its work; a stream's first engine step comes before its headers, so errors until then are HTTP
+errors and later ones an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from starlette.requests import Request
+
+from jamba_server.core.outputs import EngineStep
+from jamba_server.core.prepare import GenerationJob
+from jamba_server.errors import APIError, InvalidRequestError
+from jamba_server.http.middleware import request_info
+from jamba_server.http.sse import SSE_DONE, TrackedStreamingResponse, sse_events, until_disconnect
+from jamba_server.metrics import ABORTED, GenerationMetrics, record_outcome
+from jamba_server.protocol import ErrorResponse
+from jamba_server.runtime.runner import EngineRequest, Runner
+from jamba_server.runtime.server import Server
+
+logger = logging.getLogger(__name__)
+
+TIMEOUT_HEADER = "x-request-timeout"
+# Requests with a larger body than this are prepared off the event loop.
+INLINE_BODY_BYTES = 16_384
+
+
+def server_of(request: Request) -> Server:
+    return request.app.state.server
+
+
+def note(request: Request, **fields: Any) -> None:
+    """Facts for the request's access-log line."""
+    request_info(request.scope).update(fields)
+
+
+def begin_generation(request: Request, server: Server, model: str | None) -> None:
+    """Checks every generation request passes first, cheapest first, before any tokenizing."""
+    note(request, model=server.model_name)
+    server.check_model(model)
+    server.readiness.check()
+    server.admission.check_open()
+
+
+async def prepare_job(request: Request, prepare: Callable[..., Any], *args: Any) -> Any:
+    """`prepare(*args)`, in a worker thread when the body is large (rendering and tokenizing a
+    long prompt would stall every stream on the event loop)."""
+    length = request.headers.get("content-length", "")
+    if not length.isdigit() or int(length) > INLINE_BODY_BYTES:  # no length: assume large
+        return await asyncio.to_thread(prepare, *args)
+    return prepare(*args)
+
+
+def request_deadline(request: Request, request_timeout: float | None) -> float | None:
+    """The request's deadline (event-loop time): X-Request-Timeout can shorten the operator's
+    `request_timeout`, never extend it."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    timeout = request_timeout
+    if raw is not None:
+        try:
+            asked = float(raw)
+        except ValueError:
+            asked = -1.0
+        if not 0 < asked < 1e7:
+            raise InvalidRequestError("X-Request-Timeout must be a positive number of seconds", param="X-Request-Timeout")
+        timeout = asked if timeout is None else min(asked, timeout)
+    return None if timeout is None else asyncio.get_running_loop().time() + timeout
+
+
+async def run_job(request: Request, server: Server, job: GenerationJob) -> Any:
+    request_id = f"{job.id_prefix}-{uuid.uuid4().hex}"
+    prompt_ids = job.prompt.token_ids
+    note(request, engine_request_id=request_id, prompt_tokens=len(prompt_ids), stream=job.stream)
+    metrics = GenerationMetrics(
+        server.model_name, request_info(request.scope)["arrived"], job.features + (("stream",) if job.stream else ())
+    )
+    metrics.prompt(len(prompt_ids))
+    deadline = request_deadline(request, server.settings.request_timeout)
+    engine_request = EngineRequest(request_id, prompt_ids, job.spec, job.engine_params, deadline, metrics)
+    if job.stream:
+        streamer = job.renderers.streamer(request_id, server.model_name)
+        events = EventSource(
+            on_step=streamer.step,
+            opening=job.renderers.opening(streamer),
+            closing=streamer.usage_chunk if job.include_usage else None,
+            on_finish=_outcome(request, server, job, streamer),
+        )
+        return await stream(request, server.runner, engine_request, events, server.settings.stream_write_timeout)
+    result = job.renderers.accumulator(request_id, server.model_name)
+    await collect(request, server.runner, engine_request, result.add)
+    response = result.build(prompt_ids if job.return_token_ids else None)
+    _outcome(request, server, job, result)()
+    return response
+
+
+def _outcome(request: Request, server: Server, job: GenerationJob, result: Any) -> Callable[[], None]:
+    """At the end of a request: outcome metrics, token counts for the access-log line, and prompt
+    and raw outputs with `log_request_content`."""
+
+    def record() -> None:
+        record_outcome(server.model_name, result.outcomes(), getattr(result, "parsers", ()), job.json_mode)
+        note(request, completion_tokens=result.usage().completion_tokens)
+        if server.settings.log_request_content:
+            note(request, prompt=job.prompt.text, outputs=["".join(c.text) for c in result.choices])
+
+    return record
+
+
+async def collect(request: Request, runner: Runner, engine_request: EngineRequest, on_step: Callable[[EngineStep], Any]) -> None:
+    """Run a non-streaming request to the end, feeding every step to `on_step`."""
+
+    async def run() -> None:
+        async with aclosing(runner.collect(engine_request)) as steps:
+            async for step in steps:
+                on_step(step)
+
+    await until_disconnect(request, run())
+
+
+@dataclass(frozen=True)
+class EventSource:
+    """A protocol's stream: serialized events for each step, an opening event (sent with the first
+    step's), a closing one (after the last), and `on_finish` before the last write."""
+
+    on_step: Callable[[EngineStep], list[str]]
+    opening: str | None = None
+    closing: Callable[[], str] | None = None
+    on_finish: Callable[[], None] | None = None
+
+
+async def stream(
+    request: Request, runner: Runner, engine_request: EngineRequest, source: EventSource, write_timeout: float
+) -> TrackedStreamingResponse:
+    """Admit and start the request, then stream it as SSE. Events that are ready together go out in
+    one write: the opening with the first step's, the last step's with the closing and `[DONE]`."""
+
+    async def start() -> tuple[Any, EngineStep | None]:
+        running = await runner.start(engine_request)
+        try:
+            return running, await anext(running.steps, None)
+        except BaseException:
+            await running.close()
+            raise
+
+    running, first = await until_disconnect(request, start())
+
+    async def events() -> AsyncIterator[bytes]:
+        pending = [source.opening] if source.opening is not None else []
+        try:
+            step = first
+            while step is not None:
+                pending += source.on_step(step)
+                if not step.finished and pending:
+                    yield sse_events(pending)
+                    pending = []
+                step = await anext(running.steps, None)
+            if source.closing is not None:
+                pending.append(source.closing())
+        except APIError as exc:
+            logger.warning("stream %s ended with error: %s", engine_request.request_id, exc.message)
+            pending.append(ErrorResponse.model_validate(exc.envelope()).model_dump_json())
+        finally:
+            await running.steps.aclose()
+        if source.on_finish is not None:
+            source.on_finish()  # before the last write, which emits the access-log line
+        response.sent_whole = True
+        yield sse_events(pending) + SSE_DONE
+
+    async def cut(cause: str) -> None:
+        await runner.engine.abort(engine_request.request_id, cause)  # counted there, once, if still running
+
+    def closed(cause: str | None) -> None:
+        if cause == "client_disconnect":
+            ABORTED.labels(cause).inc()
+        running.release()
+
+    response = TrackedStreamingResponse(
+        events(), closed, cut, write_timeout=write_timeout, deadline=engine_request.deadline
+    )
+    return response

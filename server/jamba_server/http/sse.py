@@ -1,0 +1,121 @@
+"""Server-sent events: framing, a streaming response that bounds every write and knows how it
+ended, and cancelling work whose client has gone."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+
+from jamba_server.errors import ClientDisconnected
+from jamba_server.metrics import ABORTED
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+# Valid raw inside JSON strings, but line breaks to clients that split with str.splitlines()
+# (httpx, openai-python): escape them so one event is always one line.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse(payload: str) -> bytes:
+    if "\x85" in payload or "\u2028" in payload or "\u2029" in payload:
+        payload = payload.translate(_LINE_BREAKS)
+    return b"data: " + payload.encode() + b"\n\n"
+
+
+def sse_events(payloads: list[str]) -> bytes:
+    """Several events in one write."""
+    return b"".join(sse(p) for p in payloads)
+
+
+class _WriteTimeout(Exception):
+    """A write the client did not accept in time (not a TimeoutError: that is an OSError, which
+    Starlette takes for a disconnect)."""
+
+
+class TrackedStreamingResponse(StreamingResponse):
+    """A streaming response that knows how it ended: sent whole, or cut (`client_disconnect`,
+    `slow_client`, `deadline`); `on_close(cause)` runs exactly once however it ends.
+
+    A client that stops reading must not hold its admission slot while the engine generates into
+    memory: a write the client does not accept within `write_timeout` seconds, or by the request's
+    deadline, cuts the stream; `on_cut(cause)` then aborts the engine request (uvicorn itself waits on
+    a full socket forever).
+    """
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        on_close: Callable[[str | None], None],
+        on_cut: Callable[[str], Awaitable[None]],
+        write_timeout: float,
+        deadline: float | None,
+    ):
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._on_close = on_close
+        self._on_cut = on_cut
+        self._write_timeout = write_timeout
+        self._deadline = deadline
+        self.sent_whole = False
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        loop = asyncio.get_running_loop()
+        cause: str | None = "client_disconnect"
+
+        async def send_within(message: Any) -> None:
+            limit = loop.time() + self._write_timeout
+            try:
+                async with asyncio.timeout_at(limit if self._deadline is None else min(limit, self._deadline)):
+                    await send(message)
+            except TimeoutError:
+                raise _WriteTimeout from None
+
+        try:
+            await super().__call__(scope, receive, send_within)
+            if self.sent_whole:
+                cause = None
+        except _WriteTimeout:
+            past_deadline = self._deadline is not None and loop.time() >= self._deadline
+            cause = "deadline" if past_deadline else "slow_client"
+            logger.warning("stream cut: the client did not accept data (%s)", cause)
+        finally:
+            try:
+                if cause in ("slow_client", "deadline"):
+                    await self._on_cut(cause)
+                await self.body_iterator.aclose()  # ends the engine request now, not at garbage collection
+            except Exception:
+                logger.exception("closing a stream's engine request failed")
+            finally:
+                self._on_close(cause)
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it (and so aborting its engine request) if the client goes away."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+    if task.cancelled() or not task.done():
+        await asyncio.gather(task, return_exceptions=True)
+        ABORTED.labels("client_disconnect").inc()
+        raise ClientDisconnected("The client closed the connection.")
+    return task.result()
