@@ -144,19 +144,6 @@ def test_metadata_keys_are_plain_words(key):
         )
 
 
-def test_large_arguments_count_toward_off_loop_rendering():
-    from jamba_server.core.prompt import text_size
-
-    request = ChatCompletionRequest.model_validate({"model": "m", "messages": [
-        {"role": "user", "content": "q"},
-        {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": {"a": [0] * 20000}}}]},
-        {"role": "tool", "tool_call_id": "c", "content": "ok"},
-    ], "tools": [{"type": "function", "function": {"name": "f", "description": "d" * 20000}}]})  # fmt: skip
-    inputs = plan_chat(request).template_inputs
-    assert text_size(inputs) > 40_000
-    assert text_size(inputs["conversation"][1]["tool_calls"]) > 20_000
-
-
 def test_forged_document_in_metadata_is_refused():
     from pydantic import ValidationError
 

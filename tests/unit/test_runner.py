@@ -261,6 +261,31 @@ def test_stream_client_disconnect_closes_the_engine_request_and_releases():
     assert released(state)
 
 
+def test_stream_client_gone_before_the_first_write_closes_the_engine_request():
+    """The client leaves while the headers are being written: the body generator never starts, so
+    the response's close must end the engine request itself (not garbage collection, later)."""
+
+    async def scenario():
+        engine = FakeEngine([step("a"), step("b"), "hang"])
+        state = make_state(engine)
+        client = Client()
+        never = asyncio.Event()
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                client.gone.set()
+                await never.wait()  # a full socket: the headers never go out
+
+        source = EventSource(on_step=chunks, opening="open", closing=lambda: "usage")
+        response = await stream(client.request(), state.runner, engine_request(), source, write_timeout=30)
+        await response({"type": "http", "asgi": {"spec_version": "2.3"}}, client.receive, send)
+        return list(engine.log), state  # as the response ends (asyncio.run closes leftovers after)
+
+    log, state = asyncio.run(scenario())
+    assert log == ["generate", "step a", "engine closed"]
+    assert released(state)
+
+
 def test_drain_refuses_new_work_waits_then_aborts_what_is_left():
     async def scenario():
         engine = FakeEngine(["hang"])

@@ -40,7 +40,10 @@ def _run_stream(
     async def main():
         loop = asyncio.get_running_loop()
         deadline = None if deadline_in is None else loop.time() + deadline_in
-        response = TrackedStreamingResponse(body(), closed.append, cut, write_timeout, deadline)
+        async def on_close(cause):
+            closed.append(cause)
+
+        response = TrackedStreamingResponse(body(), on_close, cut, write_timeout, deadline)
         sent = 0
         stuck = asyncio.Event()
 

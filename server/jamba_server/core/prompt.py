@@ -174,26 +174,6 @@ def control_spellings(tokenizer: ChatTokenizer) -> ControlSpellings:
     return entry[1]
 
 
-def text_size(value: Any) -> int:
-    """About the characters template inputs render to: every string (keys included), every number's
-    digits, one per container. Iterative: client JSON may nest deeper than Python's recursion limit."""
-    size, stack = 0, [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            size += len(item)
-        elif isinstance(item, dict):
-            size += 1
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            size += 1
-            stack.extend(item)
-        else:
-            size += len(repr(item))
-    return size
-
-
 def render_chat(
     tokenizer: ChatTokenizer,
     chat_template: str,

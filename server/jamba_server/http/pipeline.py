@@ -49,6 +49,7 @@ def begin_generation(request: Request, server: Server, model: str | None) -> Non
     """Checks every generation request passes first, cheapest first, before any tokenizing."""
     note(request, model=server.model_name)
     server.check_model(model)
+    request_timeout_s(request, server.settings.request_timeout)
     server.readiness.check()
     server.admission.check_open()
 
@@ -63,8 +64,13 @@ async def prepare_job(request: Request, prepare: Callable[..., Any], *args: Any)
 
 
 def request_deadline(request: Request, request_timeout: float | None) -> float | None:
-    """The request's deadline (event-loop time): X-Request-Timeout can shorten the operator's
-    `request_timeout`, never extend it."""
+    """The request's deadline (event-loop time), from now."""
+    timeout = request_timeout_s(request, request_timeout)
+    return None if timeout is None else asyncio.get_running_loop().time() + timeout
+
+
+def request_timeout_s(request: Request, request_timeout: float | None) -> float | None:
+    """X-Request-Timeout can shorten the operator's `request_timeout`, never extend it."""
     raw = request.headers.get(TIMEOUT_HEADER)
     timeout = request_timeout
     if raw is not None:
@@ -75,7 +81,7 @@ def request_deadline(request: Request, request_timeout: float | None) -> float |
         if not 0 < asked < 1e7:
             raise InvalidRequestError("X-Request-Timeout must be a positive number of seconds", param="X-Request-Timeout")
         timeout = asked if timeout is None else min(asked, timeout)
-    return None if timeout is None else asyncio.get_running_loop().time() + timeout
+    return timeout
 
 
 async def run_job(request: Request, server: Server, job: GenerationJob) -> Any:
@@ -180,10 +186,12 @@ async def stream(
     async def cut(cause: str) -> None:
         await runner.engine.abort(engine_request.request_id, cause)  # counted there, once, if still running
 
-    def closed(cause: str | None) -> None:
+    async def closed(cause: str | None) -> None:
         if cause == "client_disconnect":
             ABORTED.labels(cause).inc()
-        running.release()
+        # Ends the engine request too: if the client left before the first write, events() never
+        # started and so never closed the steps.
+        await running.close()
 
     response = TrackedStreamingResponse(
         events(), closed, cut, write_timeout=write_timeout, deadline=engine_request.deadline

@@ -52,7 +52,7 @@ class TrackedStreamingResponse(StreamingResponse):
     def __init__(
         self,
         content: AsyncIterator[bytes],
-        on_close: Callable[[str | None], None],
+        on_close: Callable[[str | None], Awaitable[None]],
         on_cut: Callable[[str], Awaitable[None]],
         write_timeout: float,
         deadline: float | None,
@@ -96,7 +96,7 @@ class TrackedStreamingResponse(StreamingResponse):
             except Exception:
                 logger.exception("closing a stream's engine request failed")
             finally:
-                self._on_close(cause)
+                await self._on_close(cause)
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:

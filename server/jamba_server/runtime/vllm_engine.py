@@ -183,7 +183,7 @@ class EngineAdapter:
         try:
             return self.sampling_params(spec)
         except (ValueError, VLLMClientError) as exc:
-            raise InvalidRequestError(str(exc)) from exc
+            raise InvalidRequestError(str(exc), param=getattr(exc, "parameter", None)) from exc
 
     @property
     def max_num_seqs(self) -> int | None:
