@@ -33,6 +33,7 @@ NOTABLE_LOG_LINE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback|Error\b")
 # max_tokens no machine generates within a test (a stream makes ~100 tokens/s here: 40 minutes of
 # generation, where a test acts within a second of seeing the request run). The test always ends
 # such a request itself.
+CONTROL_IDS = set(range(14))  # the dev tokenizer's added tokens: <|pad|> ... </citations>
 LONG_CONTEXT_ARGS = ("--max-model-len", "262144")
 LONG_MAX_TOKENS = 250_000
 
@@ -56,6 +57,11 @@ def sample(metrics_text: str, name: str, labels: str | None = None) -> float:
     match = re.search(rf"^{re.escape(name)}{label_part} (\S+)$", metrics_text, re.M)
     assert match, f"{name}{{{labels or ''}}} not in /metrics"
     return float(match.group(1))
+
+
+def control_ids(ids: list[int]) -> list[int]:
+    """The control tokens among prompt ids, in order."""
+    return [i for i in ids if i in CONTROL_IDS]
 
 
 def golden_cases() -> list[dict]:
@@ -226,3 +232,52 @@ def case_to_request(case: dict) -> dict:
     if knobs.get("citation_mode") == "fast":
         body["citation_mode"] = "fast"
     return body
+
+
+def case_to_anthropic_request(case: dict) -> dict | None:
+    """A golden template case as an Anthropic Messages request body, or None if the Messages API
+    cannot say it (no generation prompt, message names, JSON mode without a schema)."""
+    knobs = case.get("knobs") or {}
+    if not case.get("add_generation_prompt") or "response_format" in knobs:
+        return None
+    if any("name" in m for m in case["messages"]):
+        return None
+    body: dict = {"messages": []}
+    call_ids: list[str] = []
+    for message in case["messages"]:
+        if message["role"] == "system":
+            body["system"] = message["content"]
+        elif message["role"] == "user":
+            body["messages"].append({"role": "user", "content": message["content"]})
+        elif message["role"] == "assistant":
+            body["messages"].append(_anthropic_assistant(message, call_ids))
+        else:
+            result = {"type": "tool_result", "tool_use_id": message.get("tool_call_id") or call_ids.pop(0), "content": message["content"]}
+            previous = body["messages"][-1]
+            if previous["role"] == "user" and isinstance(previous["content"], list):
+                previous["content"].append(result)
+            else:
+                body["messages"].append({"role": "user", "content": [result]})
+    if "tools" in case:
+        body["tools"] = [
+            {"name": t["function"]["name"], "description": t["function"].get("description"), "input_schema": t["function"]["parameters"]}
+            for t in case["tools"]
+        ]  # fmt: skip
+    if "documents" in case:
+        body["documents"] = case["documents"]
+    if knobs.get("citation_mode") == "fast":
+        body["citation_mode"] = "fast"
+    return body
+
+
+def _anthropic_assistant(message: dict, call_ids: list[str]) -> dict:
+    if not message.get("tool_calls"):
+        return {"role": "assistant", "content": message["content"]}
+    blocks = [{"type": "text", "text": message["content"]}] if message.get("content") else []
+    for i, call in enumerate(message["tool_calls"]):
+        fn = call.get("function", call)
+        args = fn["arguments"]
+        call_id = call.get("id", f"toolu_{i}")
+        call_ids.append(call_id)
+        blocks.append({"type": "tool_use", "id": call_id, "name": fn["name"], "input": json.loads(args) if isinstance(args, str) else args})
+    return {"role": "assistant", "content": blocks}

@@ -1,4 +1,5 @@
-"""Typed API errors and OpenAI's error envelope. Mapped to HTTP once, in the app."""
+"""Typed API errors and their envelopes (OpenAI's, Anthropic's). Mapped to HTTP once, in the app
+(http/errors.py), and for the few errors the request middleware answers itself, there."""
 
 from __future__ import annotations
 
@@ -33,6 +34,29 @@ class APIError(Exception):
                 "code": self.code,
             }
         }
+
+    def anthropic_envelope(self) -> dict[str, Any]:
+        """Anthropic's shape: no param field, so a param goes into the message."""
+        message = self.message
+        if self.param and self.param not in message:
+            message = f"{self.param}: {message}"
+        return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(self.status_code, "api_error"), "message": message}}
+
+    def envelope_for(self, protocol: str) -> dict[str, Any]:
+        return self.anthropic_envelope() if protocol == "anthropic" else self.envelope()
+
+
+# Anthropic's error types by status (https://docs.anthropic.com/en/api/errors); its overloaded_error is
+# a 529, which no other client knows: this server keeps 503 and uses the type.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "overloaded_error", 504: "timeout_error",
+}  # fmt: skip
+
+
+def protocol_for_path(path: str) -> str:
+    """Whose envelope an error on `path` gets."""
+    return "anthropic" if path == "/v1/messages" or path.startswith("/v1/messages/") else "openai"
 
 
 class InvalidRequestError(APIError):

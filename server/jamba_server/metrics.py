@@ -41,6 +41,11 @@ QUEUE_TIME = Histogram("jamba_queue_time_seconds", "Time a request waited in thi
 PROMPT_TOKENS = Counter("jamba_prompt_tokens_total", "Prompt tokens of requests sent to the engine.", ["model"])
 GENERATION_TOKENS = Counter("jamba_generation_tokens_total", "Output tokens generated.", ["model"])
 FINISHED = Counter("jamba_request_finish_total", "Finished choices by finish reason.", ["model", "reason"])
+GENERATION_REQUESTS = Counter(
+    "jamba_generation_requests_total",
+    "Generation requests sent to the engine, by API endpoint (chat, completions, messages).",
+    ["model", "endpoint"],
+)
 FEATURES = Counter(
     "jamba_requests_by_feature_total",
     "Generation requests using a feature (tools, documents, json_mode, json_schema, stream).",

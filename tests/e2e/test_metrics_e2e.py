@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import time
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -113,6 +114,11 @@ def traffic(server, prometheus):
     count(client.chat.completions.create(model=MODEL_NAME, messages=ASK, max_tokens=40, temperature=1.0, seed=2,
           response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}).usage)  # fmt: skip
     count(client.chat.completions.create(model=MODEL_NAME, messages=ASK, max_tokens=6, extra_body={"documents": [{"text": "d"}], "citation_mode": "fast"}).usage)
+    claude = anthropic.Anthropic(base_url=server.base_url, api_key="x", max_retries=0, timeout=120)
+    message = claude.messages.create(model=MODEL_NAME, max_tokens=4, messages=ASK)
+    usage["prompt"] += message.usage.input_tokens
+    usage["completion"] += message.usage.output_tokens
+    usage["generations"] += 1
     for bad in ({"temperature": -1}, {"n": 0}):
         assert httpx.post(server.base_url + "/v1/chat/completions", json={"model": MODEL_NAME, "messages": ASK, **bad}).status_code == 400
     assert httpx.post(server.base_url + "/v1/chat/completions", json={"model": "nope", "messages": ASK}).status_code == 404
@@ -146,6 +152,9 @@ def test_features_finish_reasons_and_jamba_semantics(prometheus, traffic):
     eventually_equal(prometheus, 'sum(jamba_requests_by_feature_total{feature="tools"})', 1)
     eventually_equal(prometheus, 'sum(jamba_requests_by_feature_total{feature="json_schema"})', 1)
     eventually_equal(prometheus, 'sum(jamba_requests_by_feature_total{feature="documents"})', 1)
+    eventually_equal(prometheus, 'sum(jamba_generation_requests_total{endpoint="messages"})', 1)
+    eventually_equal(prometheus, 'sum(jamba_generation_requests_total{endpoint="chat"})', traffic["ok"])
+    eventually_equal(prometheus, "sum(jamba_generation_requests_total)", traffic["generations"])
     eventually_equal(prometheus, 'sum(jamba_request_finish_total{reason="tool_calls"})', 1)
     eventually_equal(prometheus, "sum(jamba_request_finish_total)", traffic["generations"])
     eventually_equal(prometheus, 'jamba_tool_call_parse_total{outcome="parsed"}', 1)

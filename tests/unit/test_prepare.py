@@ -46,7 +46,7 @@ def test_chat_job_carries_prompt_spec_features_and_renderers(engine):
     assert job.prompt.text.endswith("<|bom|><|assistant|>") and job.prompt.token_ids[0] == 1
     assert job.spec.max_tokens == 64  # the server's cap, as the default
     streamer = job.renderers.streamer("chatcmpl-1", "served")
-    assert '"role":"assistant"' in job.renderers.opening(streamer).replace(" ", "")
+    assert '"role":"assistant"' in "".join(job.renderers.opening(streamer)).replace(" ", "")
 
 
 def test_completion_echo_is_decoded_only_after_the_length_check(engine):

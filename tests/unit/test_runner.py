@@ -114,7 +114,7 @@ async def run_collect(state, client, on_step):
 
 
 async def run_stream(state, client):
-    source = EventSource(on_step=chunks, opening="open", closing=lambda: "usage")
+    source = EventSource(on_step=chunks, opening=["open"], closing=lambda: ["usage"])
     response = await stream(client.request(), state.runner, engine_request(), source, write_timeout=30)
     scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
     await response(scope, client.receive, client.send)
@@ -276,7 +276,7 @@ def test_stream_client_gone_before_the_first_write_closes_the_engine_request():
                 client.gone.set()
                 await never.wait()  # a full socket: the headers never go out
 
-        source = EventSource(on_step=chunks, opening="open", closing=lambda: "usage")
+        source = EventSource(on_step=chunks, opening=["open"], closing=lambda: ["usage"])
         response = await stream(client.request(), state.runner, engine_request(), source, write_timeout=30)
         await response({"type": "http", "asgi": {"spec_version": "2.3"}}, client.receive, send)
         return list(engine.log), state  # as the response ends (asyncio.run closes leftovers after)

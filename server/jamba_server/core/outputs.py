@@ -21,6 +21,7 @@ class ChoiceDelta:
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...] | None = None
     finish_reason: str | None = None
+    stop_sequence: str | None = None  # the stop string that ended the choice, if one did
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,12 +14,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from jamba_server.anthropic_protocol import CountTokensRequest, MessagesRequest
+from jamba_server.core import anthropic
 from jamba_server.core import prompt as prompts
-from jamba_server.core.features import plan_chat
+from jamba_server.core.features import ChatPlan, plan_chat
 from jamba_server.core.limits import check_chat_input_limits, check_chat_limits, check_completion_limits
 from jamba_server.core.responses import ChatAccumulator, ChatStreamer, CompletionAccumulator, CompletionStreamer
 from jamba_server.core.sampling import SamplingSpec, sampling_spec
-from jamba_server.errors import InvalidRequestError
+from jamba_server.errors import APIError, InvalidRequestError
 from jamba_server.protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest
 from jamba_server.settings import Settings
 
@@ -36,17 +38,19 @@ class EngineFacts(Protocol):
 
 @dataclass(frozen=True)
 class Renderers:
-    """How one protocol turns engine steps into its output: a streamer (SSE events) or an
+    """How one protocol turns engine steps into its output: a streamer (stream events) or an
     accumulator (one response object), each made for a request id and the served model's name."""
 
     streamer: Callable[[str, str], Any]
     accumulator: Callable[[str, str], Any]
-    opening: Callable[[Any], str | None]  # the stream's first event, given the streamer
+    opening: Callable[[Any], list[str]]  # the stream's first events, given the streamer
+    closing: Callable[[Any], list[str]]  # its events after the last step's
+    protocol: str = "openai"  # the stream's framing and the errors' envelope (http/sse.py, errors.py)
 
 
 @dataclass(frozen=True)
 class GenerationJob:
-    id_prefix: str  # of the response id: `chatcmpl`, `cmpl`
+    id_prefix: str  # of the response id: `chatcmpl`, `cmpl`, `msg`
     prompt: prompts.Prompt
     spec: SamplingSpec
     engine_params: Any  # `spec` as the engine's own, checked parameters
@@ -56,11 +60,21 @@ class GenerationJob:
     include_usage: bool
     return_token_ids: bool
     renderers: Renderers
+    endpoint: str  # metric label: `chat`, `completions`, `messages`
+    id_separator: str = "-"  # between prefix and random part (Anthropic's ids: `msg_...`)
 
 
-def prepare_chat(body: ChatCompletionRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> GenerationJob:
+@dataclass(frozen=True)
+class _ChatParts:
+    plan: ChatPlan
+    prompt: prompts.Prompt
+    spec: SamplingSpec
+    engine_params: Any
+
+
+def _chat_parts(body: ChatCompletionRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> _ChatParts:
     """Limits → feature plan → prompt (rendered, tokenized by provenance) → sampling spec → the
-    engine's parameters (the output constraint compiled)."""
+    engine's parameters (the output constraint compiled): every chat-shaped protocol's checks."""
     check_chat_limits(body, settings)
     plan = plan_chat(body)
     prompt = prompts.render_chat(engine.tokenizer, chat_template, plan.template_inputs, True, plan.prompt_suffix)
@@ -74,24 +88,81 @@ def prepare_chat(body: ChatCompletionRequest, engine: EngineFacts, settings: Set
         banned_tokens=plan.banned_tokens,
         max_tokens_cap=settings.max_tokens_limit,
     )
+    return _ChatParts(plan, prompt, spec, engine.engine_params(spec))
+
+
+def _json_mode(plan: ChatPlan) -> bool:
+    return not {"json_mode", "json_schema"}.isdisjoint(plan.feature_labels)
+
+
+def prepare_chat(body: ChatCompletionRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> GenerationJob:
+    parts = _chat_parts(body, engine, settings, chat_template)
+    plan, n = parts.plan, parts.spec.n
     created = int(time.time())
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
     renderers = Renderers(
-        streamer=lambda rid, model: ChatStreamer(rid, model, spec.n, body.logprobs, created=created, parser=plan.parser),
-        accumulator=lambda rid, model: ChatAccumulator(rid, model, spec.n, body.logprobs, plan.parser),
-        opening=lambda streamer: streamer.opening(),
+        streamer=lambda rid, model: ChatStreamer(rid, model, n, body.logprobs, created=created, parser=plan.parser),
+        accumulator=lambda rid, model: ChatAccumulator(rid, model, n, body.logprobs, plan.parser),
+        opening=lambda streamer: [streamer.opening()],
+        closing=lambda streamer: [streamer.usage_chunk()] if include_usage else [],
     )
     return GenerationJob(
         id_prefix="chatcmpl",
-        prompt=prompt,
-        spec=spec,
-        engine_params=engine.engine_params(spec),
+        prompt=parts.prompt,
+        spec=parts.spec,
+        engine_params=parts.engine_params,
         features=plan.feature_labels,
-        json_mode=not {"json_mode", "json_schema"}.isdisjoint(plan.feature_labels),
+        json_mode=_json_mode(plan),
         stream=body.stream,
-        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        include_usage=include_usage,
         return_token_ids=body.return_token_ids,
         renderers=renderers,
+        endpoint="chat",
     )
+
+
+def prepare_messages(body: MessagesRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> GenerationJob:
+    """Anthropic's Messages API: the chat request it means (core/anthropic.py), through the same
+    checks; errors name the Messages request's own params."""
+    chat, origins = anthropic.to_chat_request(body)
+    try:
+        parts = _chat_parts(chat, engine, settings, chat_template)
+    except APIError as exc:
+        raise anthropic.in_anthropic_terms(exc, origins) from None
+    plan, prompt_tokens = parts.plan, len(parts.prompt.token_ids)
+    documents = plan.template_inputs.get("documents")
+    renderers = Renderers(
+        streamer=lambda rid, model: anthropic.MessagesStreamer(rid, model, plan.parser, documents, prompt_tokens),
+        accumulator=lambda rid, model: anthropic.MessagesAccumulator(rid, model, plan.parser, documents),
+        opening=lambda streamer: streamer.opening(),
+        closing=lambda streamer: streamer.closing(),
+        protocol="anthropic",
+    )
+    return GenerationJob(
+        id_prefix="msg",
+        id_separator="_",
+        prompt=parts.prompt,
+        spec=parts.spec,
+        engine_params=parts.engine_params,
+        features=plan.feature_labels,
+        json_mode=_json_mode(plan),
+        stream=body.stream,
+        include_usage=False,
+        return_token_ids=False,
+        renderers=renderers,
+        endpoint="messages",
+    )
+
+
+def prepare_count_tokens(body: CountTokensRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> prompts.Prompt:
+    """The prompt a Messages request would get (Anthropic's `count_tokens`)."""
+    chat, origins = anthropic.to_chat_request(body)
+    try:
+        check_chat_input_limits(chat, settings)
+        plan = plan_chat(chat)
+    except APIError as exc:
+        raise anthropic.in_anthropic_terms(exc, origins) from None
+    return prompts.render_chat(engine.tokenizer, chat_template, plan.template_inputs, True, plan.prompt_suffix)
 
 
 def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: Settings) -> GenerationJob:
@@ -116,11 +187,13 @@ def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: S
         prompt = prompts.Prompt(text=engine.tokenizer.decode(body.prompt), token_ids=prompt.token_ids)
     want_logprobs = body.logprobs is not None
     echo_text = prompt.text if body.echo else ""
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
     created = int(time.time())
     renderers = Renderers(
         streamer=lambda rid, model: CompletionStreamer(rid, model, spec.n, want_logprobs, created=created),
         accumulator=lambda rid, model: CompletionAccumulator(rid, model, spec.n, want_logprobs, echo_text=echo_text),
-        opening=lambda streamer: streamer.echo(echo_text) if echo_text else None,
+        opening=lambda streamer: [streamer.echo(echo_text)] if echo_text else [],
+        closing=lambda streamer: [streamer.usage_chunk()] if include_usage else [],
     )
     return GenerationJob(
         id_prefix="cmpl",
@@ -130,9 +203,10 @@ def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: S
         features=(),
         json_mode=False,
         stream=body.stream,
-        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        include_usage=include_usage,
         return_token_ids=body.return_token_ids,
         renderers=renderers,
+        endpoint="completions",
     )
 
 

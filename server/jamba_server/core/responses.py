@@ -1,4 +1,5 @@
-"""Engine steps → OpenAI response objects and stream chunks (chat and legacy completions)."""
+"""Engine steps → OpenAI response objects and stream chunks (chat and legacy completions); the
+Anthropic renderers (core/anthropic.py) build on `ChatAccumulatorBase`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from jamba_server.core.parsing import (
     ParseDelta,
     ParsedToolCall,
     ParserConfig,
+    new_tool_call_id,
 )
 from jamba_server.protocol import (
     ChatChoice,
@@ -84,6 +86,7 @@ class _ChoiceState:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_sequence: str | None = None
 
     def add(self, delta: ChoiceDelta) -> None:
         self.text.append(delta.text)
@@ -92,6 +95,7 @@ class _ChoiceState:
             self.logprobs.extend(delta.logprobs)
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
+            self.stop_sequence = delta.stop_sequence
 
 
 class _Accumulator:
@@ -141,12 +145,20 @@ def _tool_calls(calls: list[ParsedToolCall]) -> list[ResponseToolCall] | None:
     ]
 
 
-class _ChatAccumulator(_Accumulator):
+class ChatAccumulatorBase(_Accumulator):
+    """Steps, and an output parser per choice (what every chat-shaped protocol renders from)."""
+
     def __init__(
-        self, request_id: str, model: str, n: int, want_logprobs: bool, parser: ParserConfig = ParserConfig()
+        self,
+        request_id: str,
+        model: str,
+        n: int,
+        want_logprobs: bool,
+        parser: ParserConfig = ParserConfig(),
+        id_factory: Callable[[], str] = new_tool_call_id,
     ):
         super().__init__(request_id, model, n, want_logprobs)
-        self.parsers = [OutputParser(parser) for _ in range(n)]
+        self.parsers = [OutputParser(parser, id_factory) for _ in range(n)]
 
     def outcomes(self) -> list[tuple[str | None, str]]:
         return [
@@ -155,7 +167,7 @@ class _ChatAccumulator(_Accumulator):
         ]
 
 
-class ChatAccumulator(_ChatAccumulator):
+class ChatAccumulator(ChatAccumulatorBase):
     """Collects a whole request's steps into one `ChatCompletion`."""
 
     def build(self, prompt_token_ids: list[int] | None = None) -> ChatCompletion:
@@ -188,7 +200,7 @@ class ChatAccumulator(_ChatAccumulator):
         )
 
 
-class ChatStreamer(_ChatAccumulator):
+class ChatStreamer(ChatAccumulatorBase):
     """Turns steps into `chat.completion.chunk` objects, as OpenAI streams them."""
 
     def __init__(

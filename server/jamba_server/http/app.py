@@ -15,7 +15,7 @@ from jamba_server import __version__
 from jamba_server.http.auth import ApiKeyChecker
 from jamba_server.http.errors import register_error_handlers
 from jamba_server.http.middleware import RequestContextMiddleware
-from jamba_server.http.routes import openai, service
+from jamba_server.http.routes import anthropic, openai, service
 from jamba_server.metrics import track_admission
 from jamba_server.runtime.backend import Engine
 from jamba_server.runtime.server import Server
@@ -23,7 +23,9 @@ from jamba_server.runtime.vllm_engine import VLLM_VERSION
 from jamba_server.settings import Settings
 
 logger = logging.getLogger(__name__)
-_REQUESTS_NAMING_THE_MODEL = ("ChatCompletionRequest", "CompletionRequest", "TokenizeRequest")
+_REQUESTS_NAMING_THE_MODEL = (
+    "ChatCompletionRequest", "CompletionRequest", "TokenizeRequest", "MessagesRequest", "CountTokensRequest"
+)  # fmt: skip
 
 
 def create_app(settings: Settings, engine: Engine, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
@@ -57,8 +59,8 @@ def create_app(settings: Settings, engine: Engine, on_fatal: Callable[[str], Non
         auth=ApiKeyChecker(settings.api_keys, settings.metrics_require_auth),
     )
     register_error_handlers(app)
-    app.include_router(openai.router)
-    app.include_router(service.router)
+    for routes in (openai, anthropic, service):
+        app.include_router(routes.router)
     app.openapi = lambda: _openapi(app, server)  # type: ignore[method-assign]
     return app
 

@@ -1,4 +1,4 @@
-"""API-key authentication: `Authorization: Bearer KEY`, compared in constant time."""
+"""API-key authentication: `Authorization: Bearer KEY` or `x-api-key: KEY`, compared in constant time."""
 
 from __future__ import annotations
 
@@ -47,11 +47,17 @@ class ApiKeyChecker:
             return True
         return path == "/metrics" and not self.metrics_require_auth
 
-    def accepts(self, authorization: str | None) -> bool:
+    def accepts(self, authorization: str | None, x_api_key: str | None = None) -> bool:
+        """A configured key as `Authorization: Bearer KEY` (OpenAI's clients) or `x-api-key: KEY`
+        (Anthropic's); either is enough."""
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        bearer = token.strip() if scheme.lower() == "bearer" else ""
+        return self._known(bearer) | self._known((x_api_key or "").strip())
+
+    def _known(self, token: str) -> bool:
+        if not token:
             return False
-        candidate = hashlib.sha256(token.strip().encode()).digest()
+        candidate = hashlib.sha256(token.encode()).digest()
         matched = False
         for digest in self._digests:  # no early exit: every key is compared
             matched |= hmac.compare_digest(candidate, digest)

@@ -1,6 +1,7 @@
 """Errors to responses, once for the whole app (as vLLM's `exception_handling/register.py`): typed
-`APIError`s raised anywhere, FastAPI's validation errors and Starlette's HTTP errors all become
-OpenAI's error envelope with the right status.
+`APIError`s raised anywhere, FastAPI's validation errors and Starlette's HTTP errors all become the
+error envelope of the protocol the request spoke (OpenAI's, or Anthropic's under /v1/messages) with
+the right status.
 
 An exception none of these maps is the request middleware's last resort (a 500 with the request id):
 Starlette would run a handler for `Exception` outside every middleware (no request id, counted as
@@ -16,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jamba_server.errors import APIError, InvalidRequestError, NotFoundError, RequestTooLargeError
+from jamba_server.errors import APIError, InvalidRequestError, NotFoundError, RequestTooLargeError, protocol_for_path
 from jamba_server.metrics import record_rejection
 
 
@@ -52,21 +53,23 @@ def http_error(exc: StarletteHTTPException) -> APIError:
     return error
 
 
-def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.envelope(), status_code=error.status_code, headers=error.headers)
+def error_response(error: APIError, request: Request) -> JSONResponse:
+    """The error in the envelope of the protocol the request spoke."""
+    body = error.envelope_for(protocol_for_path(request.url.path))
+    return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
 
-async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     record_rejection(exc.status_code, exc.code)
-    return error_response(exc)
+    return error_response(exc, request)
 
 
-async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(validation_error(exc))
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(validation_error(exc), request)
 
 
-async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return error_response(http_error(exc))
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return error_response(http_error(exc), request)
 
 
 def register_error_handlers(app: FastAPI) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Awaitable, Callable
 from starlette.exceptions import HTTPException
 
 from jamba_server.http.auth import ApiKeyChecker
-from jamba_server.errors import APIError, AuthenticationError, InternalServerError, RequestTooLargeError
+from jamba_server.errors import APIError, AuthenticationError, InternalServerError, RequestTooLargeError, protocol_for_path
 from jamba_server.logs import ACCESS_LOGGER, bounded_traceback
 from jamba_server.metrics import HTTP_DURATION, HTTP_IN_FLIGHT, HTTP_REQUESTS, record_rejection
 
@@ -26,8 +26,8 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 logger = logging.getLogger(__name__)
 _MAX_REQUEST_ID = 128
 ROUTES = frozenset(
-    {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/health", "/ready",
-     "/metrics", "/version", "/openapi.json", "/docs", "/redoc"}
+    {"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens", "/v1/models",
+     "/tokenize", "/health", "/ready", "/metrics", "/version", "/openapi.json", "/docs", "/redoc"}
 )  # fmt: skip
 
 
@@ -82,14 +82,14 @@ class RequestContextMiddleware:
                 self._finish(scope, info, status["code"], started)
 
         error: APIError | None = None
-        if not self.auth.is_open(scope["path"]) and not self.auth.accepts(headers.get("authorization")):
+        if not self.auth.is_open(scope["path"]) and not self.auth.accepts(headers.get("authorization"), headers.get("x-api-key")):
             error = AuthenticationError("Incorrect or missing API key: send `Authorization: Bearer <key>`.")
         length = headers.get("content-length")
         if error is None and length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             error = self._too_large()
         if error is not None:
             record_rejection(error.status_code, error.code)
-            await self._send_error(error, send_wrapper)
+            await self._send_error(error, scope["path"], send_wrapper)
             return
 
         received = 0
@@ -126,7 +126,8 @@ class RequestContextMiddleware:
         )  # fmt: skip
         try:
             if not started_response:
-                await self._send_error(InternalServerError("The server had an error while processing your request."), send)
+                error = InternalServerError("The server had an error while processing your request.")
+                await self._send_error(error, scope["path"], send)
         finally:
             # Counted as a 500 also when the response had started (a stream cut short);
             # uvicorn then closes the connection.
@@ -136,8 +137,8 @@ class RequestContextMiddleware:
         return RequestTooLargeError(f"The request body is larger than {self.max_body_bytes} bytes.")
 
     @staticmethod
-    async def _send_error(error: APIError, send: Send) -> None:
-        body = json.dumps(error.envelope()).encode()
+    async def _send_error(error: APIError, path: str, send: Send) -> None:
+        body = json.dumps(error.envelope_for(protocol_for_path(path))).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if error.status_code == 401:
             headers.append((b"www-authenticate", b"Bearer"))

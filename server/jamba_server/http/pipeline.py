@@ -14,7 +14,8 @@ import asyncio
 import logging
 import uuid
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, AsyncIterator, Callable
 
 from starlette.requests import Request
@@ -23,9 +24,8 @@ from jamba_server.core.outputs import EngineStep
 from jamba_server.core.prepare import GenerationJob
 from jamba_server.errors import APIError, InvalidRequestError
 from jamba_server.http.middleware import request_info
-from jamba_server.http.sse import SSE_DONE, TrackedStreamingResponse, sse_events, until_disconnect
-from jamba_server.metrics import ABORTED, GenerationMetrics, record_outcome
-from jamba_server.protocol import ErrorResponse
+from jamba_server.http.sse import FRAMINGS, Framing, TrackedStreamingResponse, until_disconnect
+from jamba_server.metrics import ABORTED, GENERATION_REQUESTS, GenerationMetrics, record_outcome
 from jamba_server.runtime.runner import EngineRequest, Runner
 from jamba_server.runtime.server import Server
 
@@ -85,13 +85,14 @@ def request_timeout_s(request: Request, request_timeout: float | None) -> float 
 
 
 async def run_job(request: Request, server: Server, job: GenerationJob) -> Any:
-    request_id = f"{job.id_prefix}-{uuid.uuid4().hex}"
+    request_id = f"{job.id_prefix}{job.id_separator}{uuid.uuid4().hex}"
     prompt_ids = job.prompt.token_ids
     note(request, engine_request_id=request_id, prompt_tokens=len(prompt_ids), stream=job.stream)
     metrics = GenerationMetrics(
         server.model_name, request_info(request.scope)["arrived"], job.features + (("stream",) if job.stream else ())
     )
     metrics.prompt(len(prompt_ids))
+    GENERATION_REQUESTS.labels(server.model_name, job.endpoint).inc()
     deadline = request_deadline(request, server.settings.request_timeout)
     engine_request = EngineRequest(request_id, prompt_ids, job.spec, job.engine_params, deadline, metrics)
     if job.stream:
@@ -99,8 +100,9 @@ async def run_job(request: Request, server: Server, job: GenerationJob) -> Any:
         events = EventSource(
             on_step=streamer.step,
             opening=job.renderers.opening(streamer),
-            closing=streamer.usage_chunk if job.include_usage else None,
+            closing=partial(job.renderers.closing, streamer),
             on_finish=_outcome(request, server, job, streamer),
+            framing=FRAMINGS[job.renderers.protocol],
         )
         return await stream(request, server.runner, engine_request, events, server.settings.stream_write_timeout)
     result = job.renderers.accumulator(request_id, server.model_name)
@@ -136,20 +138,23 @@ async def collect(request: Request, runner: Runner, engine_request: EngineReques
 
 @dataclass(frozen=True)
 class EventSource:
-    """A protocol's stream: serialized events for each step, an opening event (sent with the first
-    step's), a closing one (after the last), and `on_finish` before the last write."""
+    """A protocol's stream: serialized events for each step, opening events (sent with the first
+    step's), closing ones (after the last), `on_finish` before the last write, and the protocol's
+    framing."""
 
     on_step: Callable[[EngineStep], list[str]]
-    opening: str | None = None
-    closing: Callable[[], str] | None = None
+    opening: list[str] = field(default_factory=list)
+    closing: Callable[[], list[str]] | None = None
     on_finish: Callable[[], None] | None = None
+    framing: Framing = FRAMINGS["openai"]
 
 
 async def stream(
     request: Request, runner: Runner, engine_request: EngineRequest, source: EventSource, write_timeout: float
 ) -> TrackedStreamingResponse:
     """Admit and start the request, then stream it as SSE. Events that are ready together go out in
-    one write: the opening with the first step's, the last step's with the closing and `[DONE]`."""
+    one write: the opening with the first step's, the last step's with the closing and the end
+    marker (OpenAI's `[DONE]`)."""
 
     async def start() -> tuple[Any, EngineStep | None]:
         running = await runner.start(engine_request)
@@ -162,26 +167,27 @@ async def stream(
     running, first = await until_disconnect(request, start())
 
     async def events() -> AsyncIterator[bytes]:
-        pending = [source.opening] if source.opening is not None else []
+        framing = source.framing
+        pending = list(source.opening)
         try:
             step = first
             while step is not None:
                 pending += source.on_step(step)
                 if not step.finished and pending:
-                    yield sse_events(pending)
+                    yield framing.write(pending)
                     pending = []
                 step = await anext(running.steps, None)
             if source.closing is not None:
-                pending.append(source.closing())
+                pending += source.closing()
         except APIError as exc:
             logger.warning("stream %s ended with error: %s", engine_request.request_id, exc.message)
-            pending.append(ErrorResponse.model_validate(exc.envelope()).model_dump_json())
+            pending.append(framing.error_event(exc))
         finally:
             await running.steps.aclose()
         if source.on_finish is not None:
             source.on_finish()  # before the last write, which emits the access-log line
         response.sent_whole = True
-        yield sse_events(pending) + SSE_DONE
+        yield framing.write(pending) + framing.end
 
     async def cut(cause: str) -> None:
         await runner.engine.abort(engine_request.request_id, cause)  # counted there, once, if still running

@@ -4,14 +4,17 @@ ended, and cancelling work whose client has gone."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from jamba_server.errors import ClientDisconnected
+from jamba_server.errors import APIError, ClientDisconnected
 from jamba_server.metrics import ABORTED
+from jamba_server.protocol import ErrorResponse
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -24,14 +27,43 @@ _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": 
 
 
 def sse(payload: str) -> bytes:
-    if "\x85" in payload or "\u2028" in payload or "\u2029" in payload:
-        payload = payload.translate(_LINE_BREAKS)
-    return b"data: " + payload.encode() + b"\n\n"
+    return b"data: " + _one_line_json(payload).encode() + b"\n\n"
 
 
 def sse_events(payloads: list[str]) -> bytes:
     """Several events in one write."""
     return b"".join(sse(p) for p in payloads)
+
+
+def named_events(frames: list[str]) -> bytes:
+    """Several `event: NAME\ndata: JSON` events (Anthropic's stream) in one write."""
+    return b"".join(_one_line_json(f).encode() + b"\n\n" for f in frames)
+
+
+def _one_line_json(frame: str) -> str:
+    if "\x85" in frame or "\u2028" in frame or "\u2029" in frame:
+        frame = frame.translate(_LINE_BREAKS)
+    return frame
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How a protocol writes its stream: several events in one write, what follows the last event,
+    and the event an error mid-stream becomes."""
+
+    write: Callable[[list[str]], bytes]
+    end: bytes
+    error_event: Callable[[APIError], str]
+
+
+FRAMINGS = {
+    "openai": Framing(sse_events, SSE_DONE, lambda exc: ErrorResponse.model_validate(exc.envelope()).model_dump_json()),
+    "anthropic": Framing(
+        named_events,
+        b"",
+        lambda exc: "event: error\ndata: " + json.dumps(exc.anthropic_envelope(), ensure_ascii=False, separators=(",", ":")),
+    ),
+}
 
 
 class _WriteTimeout(Exception):

@@ -278,6 +278,7 @@ def _choice_delta(output: Any, want_logprobs: int | None) -> ChoiceDelta:
         token_ids=tuple(output.token_ids),
         logprobs=logprobs,
         finish_reason=output.finish_reason,
+        stop_sequence=output.stop_reason if isinstance(output.stop_reason, str) else None,
     )
 
 
