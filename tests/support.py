@@ -33,6 +33,17 @@ NOTABLE_LOG_LINE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback|Error\b")
 # max_tokens no machine generates within a test (a stream makes ~100 tokens/s here: 40 minutes of
 # generation, where a test acts within a second of seeing the request run). The test always ends
 # such a request itself.
+# A small bounded JSON schema: constrained output finishes within a few dozen tokens on any weights.
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "born": {"type": "integer", "minimum": 1700, "maximum": 2000},
+        "role": {"type": "string", "enum": ["president", "general", "farmer"]},
+    },
+    "required": ["name", "born", "role"],
+    "additionalProperties": False,
+}
 CONTROL_IDS = set(range(14))  # the dev tokenizer's added tokens: <|pad|> ... </citations>
 LONG_CONTEXT_ARGS = ("--max-model-len", "262144")
 LONG_MAX_TOKENS = 250_000
@@ -281,3 +292,51 @@ def _anthropic_assistant(message: dict, call_ids: list[str]) -> dict:
         call_ids.append(call_id)
         blocks.append({"type": "tool_use", "id": call_id, "name": fn["name"], "input": json.loads(args) if isinstance(args, str) else args})
     return {"role": "assistant", "content": blocks}
+
+
+def case_to_responses_request(case: dict) -> dict | None:
+    """A golden template case as an OpenAI Responses request body, or None if the Responses API
+    cannot say it (no generation prompt, message names)."""
+    if not case.get("add_generation_prompt") or any("name" in m for m in case["messages"]):
+        return None
+    body: dict = {"input": []}
+    call_ids: list[str] = []
+    for message in case["messages"]:
+        if message["role"] == "system":
+            body["instructions"] = message["content"]
+        elif message["role"] == "tool":
+            body["input"].append({"type": "function_call_output", "call_id": message.get("tool_call_id") or call_ids.pop(0), "output": message["content"]})
+        elif message.get("tool_calls"):
+            if message.get("content"):
+                body["input"].append({"role": "assistant", "content": message["content"]})
+            for i, call in enumerate(message["tool_calls"]):
+                fn = call.get("function", call)
+                args = fn["arguments"] if isinstance(fn["arguments"], str) else json.dumps(fn["arguments"])
+                call_ids.append(call.get("id", f"call_{i}"))
+                body["input"].append({"type": "function_call", "call_id": call_ids[-1], "name": fn["name"], "arguments": args})
+        else:
+            body["input"].append({"role": message["role"], "content": message["content"]})
+    if "tools" in case:
+        body["tools"] = [{"type": "function", **t["function"]} for t in case["tools"]]
+    if "documents" in case:
+        body["documents"] = case["documents"]
+    knobs = case.get("knobs") or {}
+    if knobs.get("response_format") == "json_object":
+        body["text"] = {"format": {"type": "json_object"}}
+    if knobs.get("citation_mode") == "fast":
+        body["citation_mode"] = "fast"
+    return body
+
+
+class PrepareEngine:
+    """What preparing a request needs of the engine (core/prepare.py `EngineFacts`), with the dev
+    tokenizer and no engine: parameters are the spec itself."""
+
+    def __init__(self, tokenizer_path: Path | str, max_model_len: int = 4096):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.max_model_len, self.vocab_size = max_model_len, len(self.tokenizer)
+
+    def engine_params(self, spec):
+        return spec

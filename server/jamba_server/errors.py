@@ -55,7 +55,7 @@ _ANTHROPIC_TYPES = {
 
 
 def protocol_for_path(path: str) -> str:
-    """Whose envelope an error on `path` gets."""
+    """Whose envelope an error on `path` gets (the Responses API uses OpenAI's)."""
     return "anthropic" if path == "/v1/messages" or path.startswith("/v1/messages/") else "openai"
 
 

@@ -88,6 +88,12 @@ class Settings(BaseModel):
     max_documents: int = Field(512, ge=0)
     max_document_chars: int = Field(4_000_000, ge=1)  # total text over all documents
 
+    # Responses API store (per process; see runtime/response_store.py): at most this many responses,
+    # this many bytes of them, each kept this many seconds; the least recently used goes first.
+    responses_store_max_entries: int = Field(10_000, ge=0)
+    responses_store_max_bytes: int = Field(256 * 1024 * 1024, ge=0)
+    responses_store_ttl: float = Field(3600.0, gt=0)
+
     # Auth: a list of keys of at least MIN_API_KEY_LENGTH characters (never a string, which would
     # iterate as one-character keys); empty means an open server.
     api_keys: list[str] = Field(default_factory=list, repr=False)
@@ -188,6 +194,9 @@ _SCALAR_FIELDS: dict[str, Any] = {
     "max_schema_bytes": int,
     "max_documents": int,
     "max_document_chars": int,
+    "responses_store_max_entries": int,
+    "responses_store_max_bytes": int,
+    "responses_store_ttl": float,
     "metrics_require_auth": bool,
 }
 

@@ -10,7 +10,7 @@ import anthropic
 import jsonschema
 import pytest
 
-from tests.support import MODEL_NAME, control_ids
+from tests.support import MODEL_NAME, PERSON_SCHEMA, control_ids
 
 GREEDY = {"temperature": 0}  # anthropic 2.14 has no temperature argument: clients send it in the body
 WEATHER = {
@@ -83,12 +83,7 @@ def test_two_turn_tool_loop(claude):
 
 
 def test_json_schema_output(claude):
-    schema = {
-        "type": "object",
-        "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
-        "required": ["name", "age"],
-        "additionalProperties": False,
-    }  # fmt: skip
+    schema = PERSON_SCHEMA
     message = claude.messages.create(
         model=MODEL_NAME, max_tokens=64, messages=[{"role": "user", "content": "A person, as JSON."}],
         output_config={"format": {"type": "json_schema", "schema": schema}}, extra_body=GREEDY,

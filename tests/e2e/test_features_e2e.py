@@ -7,7 +7,7 @@ import json
 import jsonschema
 import pytest
 
-from tests.support import MODEL_NAME, case_to_request, golden_cases
+from tests.support import MODEL_NAME, PERSON_SCHEMA, case_to_request, golden_cases
 
 SAMPLES = 20  # sampled requests per constrained mode (temperature 1, seeds 0..19)
 WEATHER = {
@@ -44,16 +44,6 @@ ADD = {
 }
 TOOLS = [WEATHER, ADD]
 PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "born": {"type": "integer", "minimum": 1700, "maximum": 2000},
-        "role": {"type": "string", "enum": ["president", "general", "farmer"]},
-    },
-    "required": ["name", "born", "role"],
-    "additionalProperties": False,
-}
 ASK = [{"role": "user", "content": "What's the weather like in Paris?"}]
 DOCS = [{"text": "Harry Potter is by J. K. Rowling.", "title": "HP"}, {"text": "Dogs bark.", "source": "wiki"}]
 
@@ -138,12 +128,12 @@ def test_json_schema_always_valid(client):
     for seed in range(SAMPLES):
         resp = client.chat.completions.create(
             model=MODEL_NAME, messages=[{"role": "user", "content": "Describe the first American president."}],
-            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}},
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA}},
             temperature=1.0, seed=seed, max_tokens=200,
         )  # fmt: skip
         choice = resp.choices[0]
         assert choice.finish_reason == "stop"
-        jsonschema.validate(json.loads(choice.message.content), PERSON)
+        jsonschema.validate(json.loads(choice.message.content), PERSON_SCHEMA)
 
 
 def test_json_object_finished_outputs_parse(client):
@@ -265,7 +255,7 @@ def _assemble(stream):
     [
         {"tools": TOOLS, "tool_choice": "required"},
         {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
-        {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON_SCHEMA}}},
         {"extra_body": {"documents": DOCS, "citation_mode": "fast"}},
         {"tools": TOOLS},
     ],

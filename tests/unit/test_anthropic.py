@@ -15,11 +15,10 @@ from jamba_server.core import anthropic
 from jamba_server.core.features import plan_chat
 from jamba_server.core.outputs import ChoiceDelta, EngineStep
 from jamba_server.core.parsing import ParserConfig
-from jamba_server.core.prepare import prepare_messages
 from jamba_server.core.prompt import render_chat
 from jamba_server.errors import InvalidRequestError
 from jamba_server.settings import DEFAULT_TEMPLATE, Settings
-from tests.support import case_to_anthropic_request, golden_cases
+from tests.support import PrepareEngine, case_to_anthropic_request, golden_cases
 
 TEMPLATE = DEFAULT_TEMPLATE.read_text(encoding="utf-8")
 TOOL = {"name": "get_weather", "description": "Weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
@@ -104,10 +103,10 @@ def test_chat_errors_are_renamed_to_the_messages_request():
 
 
 def test_prepare_names_the_messages_param_of_a_limit(dev_model):
-    engine = _Engine(dev_model)
+    engine = PrepareEngine(dev_model)
     body = request(messages=[{"role": "user", "content": "hi"}], stop_sequences=["x" * 500])
     with pytest.raises(InvalidRequestError) as refused:
-        prepare_messages(body, engine, Settings(model="m"), TEMPLATE)
+        anthropic.prepare_messages(body, engine, Settings(model="m"), TEMPLATE)
     assert refused.value.param == "stop_sequences"
 
 
@@ -126,15 +125,6 @@ def test_unsupported_fields_and_blocks_say_so():
 
 
 # ---- golden prompts
-
-
-class _Engine:
-    def __init__(self, dev_model):
-        self.tokenizer = AutoTokenizer.from_pretrained(dev_model)
-        self.max_model_len, self.vocab_size = 4096, len(self.tokenizer)
-
-    def engine_params(self, spec):
-        return spec
 
 
 ANTHROPIC_CASES = [c for c in golden_cases() if case_to_anthropic_request(c) is not None]

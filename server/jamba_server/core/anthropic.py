@@ -1,4 +1,4 @@
-"""Anthropic's Messages API over the chat pipeline.
+"""Anthropic's Messages API over the chat pipeline: `prepare_messages` and its renderers.
 
 A Messages request becomes the chat request it means (`to_chat_request`): the same template, trust
 boundary, limits, feature plan and grammar path as `/v1/chat/completions`. Engine steps become
@@ -14,9 +14,8 @@ import secrets
 import string
 from typing import Any
 
-from pydantic import ValidationError
-
 from jamba_server.anthropic_protocol import (
+    CountTokensRequest,
     DocumentCitation,
     MessageParam,
     MessagesFeatures,
@@ -28,11 +27,17 @@ from jamba_server.anthropic_protocol import (
     ToolUseBlock,
     ToolUseBlockParam,
 )
+from jamba_server.core.chat_translation import chat_request, in_terms_of
+from jamba_server.core.features import plan_chat
+from jamba_server.core.limits import check_chat_input_limits
 from jamba_server.core.outputs import EngineStep
 from jamba_server.core.parsing import Citation, ParseDelta, ParserConfig
+from jamba_server.core.prepare import EngineFacts, GenerationJob, Renderers, chat_job, chat_parts
+from jamba_server.core.prompt import Prompt, render_chat
 from jamba_server.core.responses import ChatAccumulatorBase
 from jamba_server.errors import APIError, InvalidRequestError
 from jamba_server.protocol import ChatCompletionRequest
+from jamba_server.settings import Settings
 
 _ID_ALPHABET = string.ascii_letters + string.digits
 
@@ -142,21 +147,10 @@ def to_chat_request(body: MessagesFeatures) -> tuple[ChatCompletionRequest, list
     """The chat request a Messages request means, and for each chat message the Anthropic param it
     came from (to name it in errors)."""
     messages, origins = _conversation(body)
-    try:
-        chat = ChatCompletionRequest.model_validate({**_chat_fields(body), "messages": messages})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        error = InvalidRequestError(str(first["msg"]).removeprefix("Value error, "), param=_chat_path(loc))
-        raise in_anthropic_terms(error, origins) from None
-    return chat, origins
+    return chat_request({**_chat_fields(body), "messages": messages}, origins, RENAMES), origins
 
 
-def _chat_path(loc: str) -> str:
-    return re.sub(r"\.(\d+)", r"[\1]", loc)
-
-
-_RENAMES = (
+RENAMES = (
     (re.compile(r"^tools\[(\d+)\]\.function\.parameters"), r"tools[\1].input_schema"),
     (re.compile(r"^tools\[(\d+)\]\.function\.(\w+)"), r"tools[\1].\2"),
     (re.compile(r"^response_format(\.json_schema\.schema)?"), "output_config.format.schema"),
@@ -168,19 +162,7 @@ _RENAMES = (
 
 def in_anthropic_terms(error: APIError, origins: list[str]) -> APIError:
     """`error`, raised about the chat request, renamed to the Messages request's params."""
-    param = error.param
-    if param is None:
-        return error
-    renamed = param
-    if match := re.match(r"^messages\[(\d+)\]", param):
-        index = int(match.group(1))
-        renamed = origins[index] if index < len(origins) else "messages"
-    for pattern, replacement in _RENAMES:
-        renamed = pattern.sub(replacement, renamed)
-    if "." in param or "[" in param:  # a path in the message; a plain word (`stop`) may be prose
-        error.message = error.message.replace(param, renamed)
-    error.param = renamed
-    return error
+    return in_terms_of(error, origins, RENAMES)
 
 
 # ------------------------------------------------------------------ response
@@ -279,12 +261,8 @@ class MessagesAccumulator(ChatAccumulatorBase):
     def add(self, step: EngineStep) -> list[str]:  # type: ignore[override]
         super().add(step)
         events: list[str] = []
-        parser = self.parsers[0]
         for delta in step.choices:
-            parsed = parser.feed(delta.text)
-            if delta.finish_reason is not None:
-                parsed.extend(parser.finish())
-            events += self.content_blocks.add(parsed)
+            events += self.content_blocks.add(self.parse(delta))
             if delta.finish_reason is not None:
                 events += self.content_blocks.close()
         return events
@@ -342,3 +320,37 @@ class MessagesStreamer(MessagesAccumulator):
         delta = {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
                  "usage": {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens}}  # fmt: skip
         return [_event("message_delta", delta), _event("message_stop", {"type": "message_stop"})]
+
+
+# ------------------------------------------------------------------ prepare
+
+
+def prepare_messages(body: MessagesRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> GenerationJob:
+    """The chat request the Messages request means, through every chat check; errors name the
+    Messages request's own params."""
+    chat, origins = to_chat_request(body)
+    try:
+        parts = chat_parts(chat, engine, settings, chat_template)
+    except APIError as exc:
+        raise in_anthropic_terms(exc, origins) from None
+    plan, prompt_tokens = parts.plan, len(parts.prompt.token_ids)
+    documents = plan.template_inputs.get("documents")
+    renderers = Renderers(
+        streamer=lambda rid, model: MessagesStreamer(rid, model, plan.parser, documents, prompt_tokens),
+        accumulator=lambda rid, model: MessagesAccumulator(rid, model, plan.parser, documents),
+        opening=lambda streamer: streamer.opening(),
+        closing=lambda streamer: streamer.closing(),
+        protocol="anthropic",
+    )
+    return chat_job(parts, renderers, stream=body.stream, endpoint="messages", id_prefix="msg", id_separator="_")
+
+
+def prepare_count_tokens(body: CountTokensRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> Prompt:
+    """The prompt a Messages request would get (Anthropic's `count_tokens`)."""
+    chat, origins = to_chat_request(body)
+    try:
+        check_chat_input_limits(chat, settings)
+        plan = plan_chat(chat)
+    except APIError as exc:
+        raise in_anthropic_terms(exc, origins) from None
+    return render_chat(engine.tokenizer, chat_template, plan.template_inputs, True, plan.prompt_suffix)

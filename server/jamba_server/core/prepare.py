@@ -14,14 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from jamba_server.anthropic_protocol import CountTokensRequest, MessagesRequest
-from jamba_server.core import anthropic
 from jamba_server.core import prompt as prompts
 from jamba_server.core.features import ChatPlan, plan_chat
 from jamba_server.core.limits import check_chat_input_limits, check_chat_limits, check_completion_limits
 from jamba_server.core.responses import ChatAccumulator, ChatStreamer, CompletionAccumulator, CompletionStreamer
 from jamba_server.core.sampling import SamplingSpec, sampling_spec
-from jamba_server.errors import APIError, InvalidRequestError
+from jamba_server.errors import InvalidRequestError
 from jamba_server.protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest
 from jamba_server.settings import Settings
 
@@ -46,6 +44,7 @@ class Renderers:
     opening: Callable[[Any], list[str]]  # the stream's first events, given the streamer
     closing: Callable[[Any], list[str]]  # its events after the last step's
     protocol: str = "openai"  # the stream's framing and the errors' envelope (http/sse.py, errors.py)
+    failed: Callable[[Any, Any], list[str]] | None = None  # (streamer, error) → its closing events; else the framing's
 
 
 @dataclass(frozen=True)
@@ -65,14 +64,14 @@ class GenerationJob:
 
 
 @dataclass(frozen=True)
-class _ChatParts:
+class ChatParts:
     plan: ChatPlan
     prompt: prompts.Prompt
     spec: SamplingSpec
     engine_params: Any
 
 
-def _chat_parts(body: ChatCompletionRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> _ChatParts:
+def chat_parts(body: ChatCompletionRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> ChatParts:
     """Limits → feature plan → prompt (rendered, tokenized by provenance) → sampling spec → the
     engine's parameters (the output constraint compiled): every chat-shaped protocol's checks."""
     check_chat_limits(body, settings)
@@ -88,15 +87,27 @@ def _chat_parts(body: ChatCompletionRequest, engine: EngineFacts, settings: Sett
         banned_tokens=plan.banned_tokens,
         max_tokens_cap=settings.max_tokens_limit,
     )
-    return _ChatParts(plan, prompt, spec, engine.engine_params(spec))
+    return ChatParts(plan, prompt, spec, engine.engine_params(spec))
 
 
-def _json_mode(plan: ChatPlan) -> bool:
-    return not {"json_mode", "json_schema"}.isdisjoint(plan.feature_labels)
+def chat_job(parts: ChatParts, renderers: Renderers, *, stream: bool, endpoint: str, **fields: Any) -> GenerationJob:
+    """The job for any chat-shaped protocol; `fields` sets the rest of GenerationJob's."""
+    job_fields = {"id_prefix": "chatcmpl", "include_usage": False, "return_token_ids": False, **fields}
+    return GenerationJob(
+        prompt=parts.prompt,
+        spec=parts.spec,
+        engine_params=parts.engine_params,
+        features=parts.plan.feature_labels,
+        json_mode=not {"json_mode", "json_schema"}.isdisjoint(parts.plan.feature_labels),
+        stream=stream,
+        renderers=renderers,
+        endpoint=endpoint,
+        **job_fields,
+    )
 
 
 def prepare_chat(body: ChatCompletionRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> GenerationJob:
-    parts = _chat_parts(body, engine, settings, chat_template)
+    parts = chat_parts(body, engine, settings, chat_template)
     plan, n = parts.plan, parts.spec.n
     created = int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -106,63 +117,9 @@ def prepare_chat(body: ChatCompletionRequest, engine: EngineFacts, settings: Set
         opening=lambda streamer: [streamer.opening()],
         closing=lambda streamer: [streamer.usage_chunk()] if include_usage else [],
     )
-    return GenerationJob(
-        id_prefix="chatcmpl",
-        prompt=parts.prompt,
-        spec=parts.spec,
-        engine_params=parts.engine_params,
-        features=plan.feature_labels,
-        json_mode=_json_mode(plan),
-        stream=body.stream,
-        include_usage=include_usage,
-        return_token_ids=body.return_token_ids,
-        renderers=renderers,
-        endpoint="chat",
+    return chat_job(
+        parts, renderers, stream=body.stream, endpoint="chat", include_usage=include_usage, return_token_ids=body.return_token_ids
     )
-
-
-def prepare_messages(body: MessagesRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> GenerationJob:
-    """Anthropic's Messages API: the chat request it means (core/anthropic.py), through the same
-    checks; errors name the Messages request's own params."""
-    chat, origins = anthropic.to_chat_request(body)
-    try:
-        parts = _chat_parts(chat, engine, settings, chat_template)
-    except APIError as exc:
-        raise anthropic.in_anthropic_terms(exc, origins) from None
-    plan, prompt_tokens = parts.plan, len(parts.prompt.token_ids)
-    documents = plan.template_inputs.get("documents")
-    renderers = Renderers(
-        streamer=lambda rid, model: anthropic.MessagesStreamer(rid, model, plan.parser, documents, prompt_tokens),
-        accumulator=lambda rid, model: anthropic.MessagesAccumulator(rid, model, plan.parser, documents),
-        opening=lambda streamer: streamer.opening(),
-        closing=lambda streamer: streamer.closing(),
-        protocol="anthropic",
-    )
-    return GenerationJob(
-        id_prefix="msg",
-        id_separator="_",
-        prompt=parts.prompt,
-        spec=parts.spec,
-        engine_params=parts.engine_params,
-        features=plan.feature_labels,
-        json_mode=_json_mode(plan),
-        stream=body.stream,
-        include_usage=False,
-        return_token_ids=False,
-        renderers=renderers,
-        endpoint="messages",
-    )
-
-
-def prepare_count_tokens(body: CountTokensRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> prompts.Prompt:
-    """The prompt a Messages request would get (Anthropic's `count_tokens`)."""
-    chat, origins = anthropic.to_chat_request(body)
-    try:
-        check_chat_input_limits(chat, settings)
-        plan = plan_chat(chat)
-    except APIError as exc:
-        raise anthropic.in_anthropic_terms(exc, origins) from None
-    return prompts.render_chat(engine.tokenizer, chat_template, plan.template_inputs, True, plan.prompt_suffix)
 
 
 def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: Settings) -> GenerationJob:

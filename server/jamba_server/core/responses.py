@@ -160,6 +160,14 @@ class ChatAccumulatorBase(_Accumulator):
         super().__init__(request_id, model, n, want_logprobs)
         self.parsers = [OutputParser(parser, id_factory) for _ in range(n)]
 
+    def parse(self, delta: ChoiceDelta) -> ParseDelta:
+        """The choice's new output, parsed (its parser finished once the choice is)."""
+        parser = self.parsers[delta.index]
+        parsed = parser.feed(delta.text)
+        if delta.finish_reason is not None:
+            parsed.extend(parser.finish())
+        return parsed
+
     def outcomes(self) -> list[tuple[str | None, str]]:
         return [
             (_finish_reason(c.finish_reason, p.tool_calls_returned), "".join(c.text))

@@ -15,7 +15,7 @@ from jamba_server import __version__
 from jamba_server.http.auth import ApiKeyChecker
 from jamba_server.http.errors import register_error_handlers
 from jamba_server.http.middleware import RequestContextMiddleware
-from jamba_server.http.routes import anthropic, openai, service
+from jamba_server.http.routes import anthropic, openai, responses, service
 from jamba_server.metrics import track_admission
 from jamba_server.runtime.backend import Engine
 from jamba_server.runtime.server import Server
@@ -24,7 +24,8 @@ from jamba_server.settings import Settings
 
 logger = logging.getLogger(__name__)
 _REQUESTS_NAMING_THE_MODEL = (
-    "ChatCompletionRequest", "CompletionRequest", "TokenizeRequest", "MessagesRequest", "CountTokensRequest"
+    "ChatCompletionRequest", "CompletionRequest", "TokenizeRequest", "ResponsesRequest", "MessagesRequest",
+    "CountTokensRequest",
 )  # fmt: skip
 
 
@@ -59,7 +60,7 @@ def create_app(settings: Settings, engine: Engine, on_fatal: Callable[[str], Non
         auth=ApiKeyChecker(settings.api_keys, settings.metrics_require_auth),
     )
     register_error_handlers(app)
-    for routes in (openai, anthropic, service):
+    for routes in (openai, responses, anthropic, service):
         app.include_router(routes.router)
     app.openapi = lambda: _openapi(app, server)  # type: ignore[method-assign]
     return app

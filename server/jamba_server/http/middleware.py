@@ -26,7 +26,7 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 logger = logging.getLogger(__name__)
 _MAX_REQUEST_ID = 128
 ROUTES = frozenset(
-    {"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens", "/v1/models",
+    {"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/v1/models",
      "/tokenize", "/health", "/ready", "/metrics", "/version", "/openapi.json", "/docs", "/redoc"}
 )  # fmt: skip
 
@@ -37,6 +37,8 @@ def route_label(path: str) -> str:
         return path
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
+    if path.startswith("/v1/responses/"):
+        return "/v1/responses/{response_id}"
     return "other"
 
 

@@ -103,6 +103,7 @@ async def run_job(request: Request, server: Server, job: GenerationJob) -> Any:
             closing=partial(job.renderers.closing, streamer),
             on_finish=_outcome(request, server, job, streamer),
             framing=FRAMINGS[job.renderers.protocol],
+            on_error=partial(job.renderers.failed, streamer) if job.renderers.failed else None,
         )
         return await stream(request, server.runner, engine_request, events, server.settings.stream_write_timeout)
     result = job.renderers.accumulator(request_id, server.model_name)
@@ -147,6 +148,7 @@ class EventSource:
     closing: Callable[[], list[str]] | None = None
     on_finish: Callable[[], None] | None = None
     framing: Framing = FRAMINGS["openai"]
+    on_error: Callable[[APIError], list[str]] | None = None  # the protocol's own end of a failed stream
 
 
 async def stream(
@@ -181,7 +183,7 @@ async def stream(
                 pending += source.closing()
         except APIError as exc:
             logger.warning("stream %s ended with error: %s", engine_request.request_id, exc.message)
-            pending.append(framing.error_event(exc))
+            pending += source.on_error(exc) if source.on_error else [framing.error_event(exc)]
         finally:
             await running.steps.aclose()
         if source.on_finish is not None:

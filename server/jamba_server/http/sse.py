@@ -63,6 +63,12 @@ FRAMINGS = {
         b"",
         lambda exc: "event: error\ndata: " + json.dumps(exc.anthropic_envelope(), ensure_ascii=False, separators=(",", ":")),
     ),
+    # The Responses API's typed events; its renderers end a failed stream themselves (response.failed).
+    "responses": Framing(
+        named_events,
+        b"",
+        lambda exc: "event: error\ndata: " + json.dumps({"type": "error", **exc.envelope()["error"]}, separators=(",", ":")),
+    ),
 }
 
 

@@ -1,5 +1,5 @@
-"""One server's runtime: the engine, admission, readiness and the runner, the served model's
-identity, and the engine's start and death watch. The HTTP layer holds one `Server` (app.state)."""
+"""One server's runtime: the engine, admission, readiness, the runner and the Responses API's
+store, the served model's identity, and the engine's start and death watch. The HTTP layer holds one `Server` (app.state)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from jamba_server.metrics import ADMISSION_LIMIT, BUILD_INFO, ENGINE_READY
 from jamba_server.runtime.admission import controller_for, running_limit
 from jamba_server.runtime.backend import Engine
 from jamba_server.runtime.readiness import Readiness
+from jamba_server.runtime.response_store import ResponseStore
 from jamba_server.runtime.runner import Runner
 from jamba_server.settings import Settings
 
@@ -42,6 +43,9 @@ class Server:
         self.admission = controller_for(settings, None)
         self.readiness = Readiness(engine, self.admission)
         self.runner = Runner(engine, self.admission, settings.drain_timeout)
+        self.responses = ResponseStore(
+            settings.responses_store_max_entries, settings.responses_store_max_bytes, settings.responses_store_ttl
+        )
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.model_aliases:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from jamba_server.anthropic_protocol import AnthropicErrorResponse, CountTokensRequest, CountTokensResponse, MessagesRequest, MessagesResponse
-from jamba_server.core.prepare import prepare_count_tokens, prepare_messages
+from jamba_server.core.anthropic import prepare_count_tokens, prepare_messages
 from jamba_server.http.pipeline import begin_generation, prepare_job, run_job, server_of
 from jamba_server.http.routes import STREAMING_OK
 
