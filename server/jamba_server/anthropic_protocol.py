@@ -95,6 +95,10 @@ class ToolParam(BaseModel):
     input_schema: dict[str, Any]
     strict: bool | None = None
     cache_control: dict[str, Any] | None = None
+    # Accepted and ignored: how Anthropic's API streams or loads a tool's definition.
+    eager_input_streaming: bool | None = None
+    defer_loading: bool | None = None
+    input_examples: list[dict[str, Any]] | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -40,7 +40,8 @@ class APIError(Exception):
         message = self.message
         if self.param and self.param not in message:
             message = f"{self.param}: {message}"
-        return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(self.status_code, "api_error"), "message": message}}
+        kind = _ANTHROPIC_TYPES.get(self.status_code, "invalid_request_error" if self.status_code < 500 else "api_error")
+        return {"type": "error", "error": {"type": kind, "message": message}}
 
     def envelope_for(self, protocol: str) -> dict[str, Any]:
         return self.anthropic_envelope() if protocol == "anthropic" else self.envelope()

@@ -8,6 +8,7 @@ OpenAI's side are accepted and ignored. The README's table lists both.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
@@ -23,7 +24,6 @@ UNSUPPORTED = {
     "prompt": "stored prompt templates are not available",
     "context_management": "server-side context editing is not available",
     "max_tool_calls": "max_tool_calls is not supported",
-    "top_logprobs": "logprobs are not available on this endpoint (use /v1/chat/completions)",
     "moderation": "moderation is not available",
     "image": "image generation is not available",
     "access_programs": "access programs are not available",
@@ -38,6 +38,8 @@ def _refuse_unsupported(data: Any) -> Any:
     for key, reason in UNSUPPORTED.items():
         if data.get(key) not in (None, False):
             raise ValueError(f"{key}: {reason}")
+    if data.get("top_logprobs") not in (None, 0):
+        raise ValueError("top_logprobs: logprobs are not available on this endpoint (use /v1/chat/completions)")
     if data.get("truncation") not in (None, "disabled"):
         raise ValueError("truncation: only `disabled` is supported (a prompt that does not fit is a 400)")
     if data.get("include"):
@@ -89,6 +91,16 @@ class MessageItem(BaseModel):
             return self.content
         return "\n".join(part.text for part in self.content)
 
+    def cited_documents(self) -> list[int]:
+        """The documents an earlier answer's file citations name (`document-N`, as this server writes them)."""
+        ids: list[int] = []
+        for part in self.content if isinstance(self.content, list) else ():
+            for annotation in (part.model_extra or {}).get("annotations") or () if isinstance(part, OutputTextPart) else ():
+                file_id = annotation.get("file_id") if isinstance(annotation, dict) else None
+                if isinstance(file_id, str) and re.fullmatch(r"document-\d{1,6}", file_id):
+                    ids.append(int(file_id.removeprefix("document-")))
+        return list(dict.fromkeys(ids))
+
 
 class FunctionCallItem(BaseModel):
     model_config = _STRICT
@@ -136,6 +148,10 @@ class FunctionTool(BaseModel):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+    # Accepted and ignored: how OpenAI loads a tool, who may call it, what it returns.
+    defer_loading: bool | None = None
+    allowed_callers: list[str] | None = None
+    output_schema: dict[str, Any] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -202,6 +218,8 @@ class ResponsesFeatures(BaseModel):
     def _supported(cls, data: Any) -> Any:
         data = _refuse_unsupported(data)
         items = data.get("input") if isinstance(data, dict) else None
+        if items == []:
+            raise ValueError("input must not be empty")
         for i, item in enumerate(items if isinstance(items, list) else ()):
             kind = item.get("type", "message") if isinstance(item, dict) else None
             if isinstance(kind, str) and kind not in _SUPPORTED_ITEMS:
@@ -215,20 +233,26 @@ class ResponsesRequest(ResponsesFeatures):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
     user: str | None = None
-    store: bool = True
-    stream: bool = False
+    store: bool | None = True  # null means the default (true), as OpenAI takes it
+    stream: bool | None = False
     # Accepted and ignored: they route or account requests on OpenAI's side.
     service_tier: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
     stream_options: dict[str, Any] | None = None
     include: list[str] | None = None
     truncation: Literal["disabled"] | None = None
     reasoning: ReasoningConfig | None = None
     background: Literal[False] | None = None
-    top_logprobs: None = None
-    max_tool_calls: None = None
+    top_logprobs: Literal[0] | None = None
+
+    @model_validator(mode="after")
+    def _null_means_default(self) -> ResponsesRequest:
+        self.store = True if self.store is None else self.store
+        self.stream = bool(self.stream)
+        return self
 
 
 # ---------------------------------------------------------------- responses

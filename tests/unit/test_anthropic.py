@@ -121,7 +121,8 @@ def test_unsupported_fields_and_blocks_say_so():
         with pytest.raises(ValueError, match=words):
             request(**{"messages": [{"role": "user", "content": "hi"}], **extra})
     assert request(messages=[{"role": "user", "content": "hi"}], thinking={"type": "disabled"}, service_tier="auto",
-                   metadata={"user_id": "u"}, cache_control={"type": "ephemeral"})  # fmt: skip
+                   metadata={"user_id": "u"}, cache_control={"type": "ephemeral"},
+                   tools=[{**TOOL, "eager_input_streaming": True, "defer_loading": False, "input_examples": [{"city": "Paris"}]}])  # fmt: skip
 
 
 # ---- golden prompts
@@ -222,6 +223,41 @@ def test_citations_name_the_whole_document():
     (citation,) = block.citations
     assert (citation.document_index, citation.document_title, citation.cited_text) == (1, "B", documents[1]["text"])
     assert (citation.start_char_index, citation.end_char_index) == (0, len(documents[1]["text"]))
+
+
+def test_a_long_document_is_quoted_by_its_beginning_and_cited_once_per_block():
+    long_text = "word " * 5000
+    documents = [{"text": long_text, "title": "Long"}]
+    pieces = ["Answer.<citations>[0]</citations>", "<citations>[0]</citations>", " More.<citations>[0]</citations>", ""]
+    _, built, events = _stream_and_build(pieces, "stop", ParserConfig(document_titles=("Long",), citation_mode=True), documents)
+    (block,) = built.content
+    (citation,) = block.citations
+    assert citation.cited_text == long_text[: anthropic.CITED_TEXT_CHARS] + "…"
+    assert (citation.start_char_index, citation.end_char_index) == (0, len(long_text))
+    assert sum('"citations_delta"' in e for e in events) == 1 and sum(len(e) for e in events) < 5 * anthropic.CITED_TEXT_CHARS
+
+
+def test_citations_sent_back_render_into_their_turn():
+    body = request(
+        documents=[{"text": "a"}, {"text": "b"}], citation_mode="fast",
+        messages=[
+            {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": [{"type": "text", "text": "ans", "citations": [
+                {"type": "char_location", "cited_text": "b", "document_index": 1, "document_title": None, "start_char_index": 0, "end_char_index": 1}]}]},
+            {"role": "user", "content": "q2"},
+        ],
+    )  # fmt: skip
+    chat, _ = anthropic.to_chat_request(body)
+    assert chat.messages[1].citation_ids() == [1]
+
+
+def test_a_forced_tool_turn_leaves_the_output_format_for_later():
+    body = request(
+        messages=[{"role": "user", "content": "hi"}], tools=[TOOL], tool_choice={"type": "any"},
+        output_config={"format": {"type": "json_schema", "schema": {"type": "object"}}},
+    )  # fmt: skip
+    chat, _ = anthropic.to_chat_request(body)
+    assert chat.tool_choice == "required" and chat.response_format is None
 
 
 @pytest.mark.parametrize(

@@ -104,3 +104,18 @@ def test_bounded_traceback_keeps_both_ends():
         raise ValueError("short")
     except ValueError as exc:
         assert "omitted" not in bounded_traceback(exc)
+
+
+def test_errors_the_middleware_answers_speak_the_paths_protocol():
+    """A 401 under /v1/messages is Anthropic's envelope and names `x-api-key`; elsewhere OpenAI's."""
+    app = FastAPI()
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=1 << 20, auth=ApiKeyChecker(["k" * 16]))
+    with TestClient(app) as client:
+        anthropic = client.post("/v1/messages", json={})
+        openai = client.post("/v1/responses", json={})
+        allowed = client.post("/v1/messages", json={}, headers={"x-api-key": "k" * 16})
+    assert anthropic.status_code == 401 and anthropic.json()["type"] == "error"
+    assert anthropic.json()["error"]["type"] == "authentication_error" and "x-api-key" in anthropic.json()["error"]["message"]
+    assert openai.status_code == 401 and openai.json()["error"]["code"] == "invalid_api_key"
+    assert "Authorization: Bearer" in openai.json()["error"]["message"]
+    assert allowed.status_code == 404  # through the key check to the (empty) app

@@ -123,14 +123,36 @@ def test_unsupported_fields_say_so(extra, words):
 
 def test_routing_fields_are_accepted():
     assert request(input="hi", service_tier="auto", prompt_cache_key="k", safety_identifier="s", include=[], reasoning=None,
-                   truncation="disabled", store=False, metadata={"a": "b"}, text={"format": {"type": "text"}, "verbosity": "low"})  # fmt: skip
+                   truncation="disabled", store=False, metadata={"a": "b"}, text={"format": {"type": "text"}, "verbosity": "low"},
+                   prompt_cache_options={"mode": "auto"}, top_logprobs=0,
+                   tools=[{**TOOL, "defer_loading": False, "allowed_callers": ["direct"], "output_schema": {"type": "string"}}])  # fmt: skip
+    defaults = request(input="hi", store=None, stream=None)
+    assert defaults.store is True and defaults.stream is False
+
+
+def test_empty_input_is_a_400_naming_it():
+    with pytest.raises(ValueError, match="input must not be empty"):
+        request(input=[])
+
+
+def test_citations_are_kept_in_the_conversation():
+    item = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "ans", "annotations": [
+        {"type": "file_citation", "file_id": "document-1", "filename": "B", "index": 3}]}]}  # fmt: skip
+    body = request(input=[{"role": "user", "content": "q1"}, item, {"role": "user", "content": "q2"}],
+                   documents=[{"text": "a"}, {"text": "b"}], citation_mode="fast")  # fmt: skip
+    assert responses_api.to_chat_request(body, ()).chat.messages[1].citation_ids() == [1]
+    _, built = _stream_and_build([CITED, "<citations>[1]</citations>", ""], "stop", ParserConfig(document_titles=("A", "B"), citation_mode=True))
+    assert len(built.output[0].content[0].annotations) == 1  # cited once per message
+    accumulator = responses_api.ResponsesAccumulator("r", "m", ParserConfig(document_titles=("A", "B"), citation_mode=True), SHAPE)
+    accumulator.add(EngineStep((ChoiceDelta(0, CITED, (1,), None, "stop"),), 3, True))
+    assert accumulator.items.assistant_turn() == {"role": "assistant", "content": "The bridge opened in 1937.", "citations": [1]}
 
 
 # ---- store
 
 
 def stored(size: int = 10):
-    return responses_api.StoredResponse({"id": "r"}, (), size)
+    return responses_api.StoredResponse(b"{}", b"x" * (size - 2))
 
 
 def test_store_evicts_least_recently_used_and_by_bytes():
@@ -139,7 +161,7 @@ def test_store_evicts_least_recently_used_and_by_bytes():
     store.put("b", stored())
     assert store.get("a") is not None  # a is now the most recently used
     store.put("c", stored())
-    assert (store.get("a"), store.get("b"), store.get("c")) != (None, None, None) and store.get("b") is None
+    assert store.get("b") is None and store.get("a") is not None and store.get("c") is not None
     store.put("big", stored(95))  # pushes everything else out by bytes
     assert len(store) == 1 and store.get("big") is not None
     store.put("huge", stored(101))  # never fits: not kept
@@ -158,6 +180,52 @@ def test_store_expires_and_deletes():
     assert store.delete("b") and not store.delete("b") and store.get("b") is None
 
 
+def test_expiry_does_not_wait_for_eviction_and_its_queue_stays_bounded():
+    now = [0.0]
+    store = ResponseStore(max_entries=3, max_bytes=10**6, ttl=5, clock=lambda: now[0])
+    store.put("old", stored())
+    store.put("new", stored())
+    now[0] = 1.0
+    store.get("old")  # the most recently used, but still due at t=5
+    now[0] = 5.5
+    store.put("newest", stored())
+    assert store.get("old") is None and store.get("new") is None and len(store) == 1
+    for i in range(1000):  # evicted ones must not pile up in the expiry queue
+        store.put(str(i), stored())
+    assert len(store) == 3 and len(store._expiry) <= 2 * 3 + 64
+
+
+def test_store_is_safe_across_threads():
+    import sys
+    import threading
+
+    store = ResponseStore(max_entries=50, max_bytes=10**6, ttl=60)
+    errors: list[BaseException] = []
+
+    def hammer(offset: int) -> None:
+        try:
+            for i in range(4000):
+                store.put(f"{offset}-{i % 120}", stored())
+                store.get(f"{1 - offset}-{i % 120}")
+                if i % 7 == 0:
+                    store.delete(f"{offset}-{(i + 3) % 120}")
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=hammer, args=(k,)) for k in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert store._bytes == sum(e.value.size for e in store._entries.values()) and len(store) <= 50
+
+
 def test_previous_response_must_exist(engine):
     store = ResponseStore(10, 10**6, 60)
     with pytest.raises(NotFoundError) as missing:
@@ -174,8 +242,8 @@ def test_a_finished_response_is_stored_with_its_conversation_unless_store_is_fal
         response = accumulator.build()
         kept = store.get(response.id)
         if keep:
-            assert kept.response == response.model_dump(mode="json")
-            assert kept.conversation == ({"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"})
+            assert json.loads(kept.response) == response.model_dump(mode="json")
+            assert json.loads(kept.conversation) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"}]
         else:
             assert kept is None
 

@@ -74,7 +74,7 @@ def _user_messages(index: int, message: MessageParam) -> list[tuple[dict[str, An
 def _assistant_message(index: int, message: MessageParam) -> tuple[dict[str, Any], str]:
     if isinstance(message.content, str):
         return {"role": "assistant", "content": message.content}, f"messages[{index}]"
-    texts, calls = [], []
+    texts, calls, cited = [], [], []
     for j, block in enumerate(message.content):
         if isinstance(block, ToolResultBlockParam):
             raise InvalidRequestError("tool_result blocks belong in user messages", param=f"messages[{index}].content[{j}]")
@@ -82,9 +82,12 @@ def _assistant_message(index: int, message: MessageParam) -> tuple[dict[str, Any
             calls.append({"id": block.id, "type": "function", "function": {"name": block.name, "arguments": block.input}})
         else:
             texts.append(block.text)
+            cited += [c["document_index"] for c in block.citations or () if isinstance(c.get("document_index"), int)]
     chat: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts) if texts or not calls else None}
     if calls:
         chat["tool_calls"] = calls
+    if cited:
+        chat["citations"] = list(dict.fromkeys(cited))
     return chat, f"messages[{index}]"
 
 
@@ -129,7 +132,9 @@ def _chat_fields(body: MessagesFeatures) -> dict[str, Any]:
              | ({"strict": t.strict} if t.strict is not None else {})}
             for t in body.tools
         ]  # fmt: skip
-    if body.output_config is not None and body.output_config.format is not None:
+    forced_call = body.tool_choice is not None and body.tool_choice.type in ("any", "tool")
+    # The format shapes text output; a turn that must call a tool has none (chat would refuse the pair).
+    if body.output_config is not None and body.output_config.format is not None and not forced_call:
         schema = body.output_config.format.schema_
         fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
     if body.documents is not None:
@@ -168,6 +173,11 @@ def in_anthropic_terms(error: APIError, origins: list[str]) -> APIError:
 # ------------------------------------------------------------------ response
 
 
+# Jamba cites whole documents: the location is all of it, the quote its beginning (a citation must not
+# copy a long document into every response that cites it).
+CITED_TEXT_CHARS = 1000
+
+
 def _event(name: str, payload: dict[str, Any]) -> str:
     return f"event: {name}\ndata: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}"
 
@@ -203,7 +213,9 @@ class _Blocks:
         for citation in parsed.citations or ():
             events += self._open_text()
             cited = self._citation(citation)
-            self.blocks[-1].setdefault("citations", []).append(cited)
+            if cited in self.blocks[-1].setdefault("citations", []):
+                continue  # a document is cited once per text block
+            self.blocks[-1]["citations"].append(cited)
             if self._emit:
                 delta = {"type": "citations_delta", "citation": cited.model_dump()}
                 events.append(_event("content_block_delta", {"type": "content_block_delta", "index": len(self.blocks) - 1, "delta": delta}))
@@ -228,8 +240,9 @@ class _Blocks:
 
     def _citation(self, citation: Citation) -> DocumentCitation:
         text = self._documents[citation.document_id]["text"]
+        quoted = text if len(text) <= CITED_TEXT_CHARS else text[:CITED_TEXT_CHARS] + "…"
         return DocumentCitation(
-            cited_text=text, document_index=citation.document_id, document_title=citation.title, end_char_index=len(text)
+            cited_text=quoted, document_index=citation.document_id, document_title=citation.title, end_char_index=len(text)
         )
 
     def content(self) -> list[TextBlock | ToolUseBlock]:

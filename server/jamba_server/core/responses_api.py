@@ -48,6 +48,9 @@ RENAMES = (
 )
 
 
+CITED_FILE_PREFIX = "document-"  # a citation's file_id: `document-2` is the request's documents[2]
+
+
 def _item_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
@@ -69,7 +72,10 @@ def _input_messages(body: ResponsesFeatures) -> list[tuple[dict[str, Any], str]]
     for i, item in enumerate(body.input):
         where = f"input[{i}]"
         if isinstance(item, MessageItem):
-            out.append(({"role": item.role, "content": item.text()}, where))
+            message = {"role": item.role, "content": item.text()}
+            if item.role == "assistant" and item.cited_documents():
+                message["citations"] = item.cited_documents()
+            out.append((message, where))
         elif isinstance(item, FunctionCallItem):
             call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
             previous = out[-1][0] if out else None
@@ -178,8 +184,10 @@ class _Items:
     def _annotate(self, citation: Citation) -> list[str]:
         part = self._message["content"][0]
         title = citation.title or f"document {citation.document_id}"
-        annotation = {"type": "file_citation", "file_id": f"document-{citation.document_id}", "filename": title,
-                      "index": sum(len(p) for p in part["parts"])}  # fmt: skip
+        file_id = f"{CITED_FILE_PREFIX}{citation.document_id}"
+        if any(a["file_id"] == file_id for a in part["annotations"]):
+            return []  # a document is cited once per message
+        annotation = {"type": "file_citation", "file_id": file_id, "filename": title, "index": sum(len(p) for p in part["parts"])}
         part["annotations"].append(annotation)
         if not self._event:
             return []
@@ -221,10 +229,17 @@ class _Items:
 
     def assistant_turn(self) -> dict[str, Any]:
         """The output as the chat message a later turn's history holds."""
-        text = "".join(_part(i["content"][0])["text"] for i in self.items if i["type"] == "message")
+        messages = [i for i in self.items if i["type"] == "message"]
+        text = "".join(_part(i["content"][0])["text"] for i in messages)
         calls = [{"id": i["call_id"], "type": "function", "function": {"name": i["name"], "arguments": i["arguments"]}}
                  for i in self.items if i["type"] == "function_call"]  # fmt: skip
-        return {"role": "assistant", "content": text if text or not calls else None, **({"tool_calls": calls} if calls else {})}
+        turn: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+        if calls:
+            turn["tool_calls"] = calls
+        cited = [int(a["file_id"].removeprefix(CITED_FILE_PREFIX)) for i in messages for a in i["content"][0]["annotations"]]
+        if cited:
+            turn["citations"] = list(dict.fromkeys(cited))
+        return turn
 
 
 def _part(part: dict[str, Any]) -> dict[str, Any]:
@@ -313,7 +328,7 @@ class ResponsesStreamer(ResponsesAccumulator):
     def failed(self, error: APIError) -> list[str]:
         """The stream's end when the engine fails after the first event."""
         events = self.items.close("incomplete")
-        failed = self.response("failed", ResponseError(code=error.code or "server_error", message=error.message))
+        failed = self.response("failed", ResponseError(code="server_error", message=error.message))
         return events + [self._lifecycle("response.failed", failed)]
 
 
@@ -322,9 +337,14 @@ class ResponsesStreamer(ResponsesAccumulator):
 
 @dataclass(frozen=True)
 class StoredResponse:
-    response: dict[str, Any]  # the response object as returned
-    conversation: tuple[dict[str, Any], ...]  # chat messages: the input history and the output turn
-    size: int  # approximate bytes
+    """Kept as encoded JSON: compact, and its size is what the store counts."""
+
+    response: bytes  # the response object as returned
+    conversation: bytes  # chat messages: the input history and the output turn
+
+    @property
+    def size(self) -> int:
+        return len(self.response) + len(self.conversation)
 
 
 class Store(Protocol):
@@ -345,7 +365,7 @@ def _history(body: ResponsesRequest, store: Store) -> tuple[dict[str, Any], ...]
             param="previous_response_id",
             code="previous_response_not_found",
         )
-    return stored.conversation
+    return tuple(json.loads(stored.conversation))
 
 
 def _echo(body: ResponsesRequest) -> dict[str, Any]:
@@ -371,10 +391,8 @@ def _saver(body: ResponsesRequest, store: Store, conversation: list[dict[str, An
     def save(response: ResponseObject, turn: dict[str, Any]) -> None:
         if not body.store:
             return
-        dumped = response.model_dump(mode="json")
-        history = (*conversation, turn)
-        size = len(json.dumps(dumped)) + len(json.dumps(history))
-        store.put(response.id, StoredResponse(dumped, history, size))
+        encoded = json.dumps([*conversation, turn], ensure_ascii=False, separators=(",", ":")).encode()
+        store.put(response.id, StoredResponse(response.model_dump_json().encode(), encoded))
 
     return save
 

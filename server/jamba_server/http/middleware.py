@@ -85,7 +85,8 @@ class RequestContextMiddleware:
 
         error: APIError | None = None
         if not self.auth.is_open(scope["path"]) and not self.auth.accepts(headers.get("authorization"), headers.get("x-api-key")):
-            error = AuthenticationError("Incorrect or missing API key: send `Authorization: Bearer <key>`.")
+            how = "`x-api-key: <key>`" if protocol_for_path(scope["path"]) == "anthropic" else "`Authorization: Bearer <key>`"
+            error = AuthenticationError(f"Incorrect or missing API key: send {how}.")
         length = headers.get("content-length")
         if error is None and length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             error = self._too_large()

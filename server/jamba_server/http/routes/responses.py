@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from jamba_server.core.responses_api import prepare_responses
 from jamba_server.errors import NotFoundError
@@ -22,11 +22,11 @@ async def create_response(body: ResponsesRequest, request: Request):
 
 
 @router.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=ERRORS)
-async def retrieve_response(response_id: str, request: Request) -> dict:
+async def retrieve_response(response_id: str, request: Request) -> Response:
     stored = server_of(request).responses.get(response_id)
     if stored is None:
         raise _not_found(response_id)
-    return stored.response
+    return Response(stored.response, media_type="application/json")
 
 
 @router.delete("/v1/responses/{response_id}", response_model=DeletedResponse, responses=ERRORS)
