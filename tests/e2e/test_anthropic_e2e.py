@@ -24,6 +24,7 @@ WEATHER = {
     },
 }  # fmt: skip
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+CITY_ONLY = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "London"]}}, "required": ["city"], "additionalProperties": False}
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,17 @@ def test_forced_tool_call_has_schema_valid_input(claude):
     for call in calls:
         assert call.name == "get_weather" and call.id.startswith("toolu_")
         jsonschema.validate(call.input, WEATHER["input_schema"])
+
+
+def test_a_call_list_cut_by_max_tokens_keeps_its_complete_calls(claude):
+    city_only = {"name": "get_weather", "input_schema": CITY_ONLY}
+    message = claude.messages.create(
+        model=MODEL_NAME, max_tokens=48, messages=ASK, tools=[city_only], tool_choice={"type": "any"}, extra_body=GREEDY
+    )  # greedy: the dev model repeats the call until cut
+    assert message.stop_reason == "max_tokens"
+    assert message.content and {block.type for block in message.content} == {"tool_use"}
+    for block in message.content:
+        jsonschema.validate(block.input, CITY_ONLY)
 
 
 def test_two_turn_tool_loop(claude):

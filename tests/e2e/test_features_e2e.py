@@ -45,6 +45,9 @@ ADD = {
 TOOLS = [WEATHER, ADD]
 PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 ASK = [{"role": "user", "content": "What's the weather like in Paris?"}]
+CITY_ONLY = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "London"]}}, "required": ["city"],
+    "additionalProperties": False}}}  # fmt: skip
 DOCS = [{"text": "Harry Potter is by J. K. Rowling.", "title": "HP"}, {"text": "Dogs bark.", "source": "wiki"}]
 
 
@@ -271,6 +274,23 @@ def test_streamed_equals_non_streamed(client, kwargs):
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == expected_calls
     assert all(c["id"] and c["id"].startswith("call_") for c in calls)
     assert citations == whole.message.model_dump().get("citations")
+
+
+def test_a_tool_call_cut_by_max_tokens_returns_the_calls_that_completed(client):
+    """The LangChain case (`bind_tools(..., tool_choice="any")`, a small max_tokens): a forced, parallel
+    call list cut mid-call. The calls that completed come back as tool_calls with finish_reason
+    "length"; the cut one is dropped, never returned as content in the protocol's own syntax."""
+    args = dict(model=MODEL_NAME, messages=ASK, tools=[CITY_ONLY], tool_choice="required", temperature=0, max_tokens=48)
+    whole = client.chat.completions.create(**args).choices[0]  # greedy: the dev model repeats the call
+    assert whole.finish_reason == "length" and whole.message.content is None
+    assert whole.message.tool_calls
+    for call in whole.message.tool_calls:
+        assert call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), CITY_ONLY["function"]["parameters"])
+    content, calls, _, finish = _assemble(client.chat.completions.create(stream=True, **args))
+    assert content == "" and finish == "length"
+    expected = [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls]
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == expected
 
 
 # ---- multi-turn tool use with the official client

@@ -29,6 +29,7 @@ WEATHER = {
     "strict": True,
 }  # fmt: skip
 ASK = "What is the weather in Paris?"
+CITY_ONLY = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "London"]}}, "required": ["city"], "additionalProperties": False}
 
 
 def comparable(response: dict) -> dict:
@@ -72,6 +73,17 @@ def test_forced_tool_call_and_the_stream_helper(client):
     with client.responses.stream(**kwargs) as stream:
         streamed = stream.get_final_response()
     assert comparable(streamed.model_dump(mode="json", exclude_none=True)) == comparable(whole.model_dump(mode="json", exclude_none=True))
+
+
+def test_a_call_list_cut_by_max_output_tokens_keeps_its_complete_calls(client):
+    city_only = {"type": "function", "name": "get_weather", "parameters": CITY_ONLY, "strict": True}
+    response = client.responses.create(
+        model=MODEL_NAME, input=ASK, tools=[city_only], tool_choice="required", temperature=0, max_output_tokens=48, store=False
+    )  # greedy: the dev model repeats the call until cut
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert response.output and {item.type for item in response.output} == {"function_call"}
+    for call in response.output:
+        jsonschema.validate(json.loads(call.arguments), CITY_ONLY)
 
 
 def test_two_turn_tool_loop_with_and_without_the_store(client):

@@ -166,3 +166,21 @@ def _held_prefix_reference(text: str) -> int:
 def test_held_prefix_matches_its_definition(parts):
     text = "".join(parts)
     assert _held_prefix_len(text) == _held_prefix_reference(text)
+
+
+def test_a_cut_tool_block_gives_the_calls_that_completed():
+    """The LangChain case: `tool_choice="any"`, `max_tokens` cuts the second call. The first call is a
+    call, the cut one is dropped, and no protocol syntax becomes content."""
+    cut = '<tool_calls>[{"name":"get_weather","arguments":{"city":"London"}},{"name":"get_weather","arg'
+    out = parse_output(cut, TOOLS)
+    assert [(c.name, json.loads(c.arguments)) for c in out.tool_calls] == [("get_weather", {"city": "London"})]
+    assert out.content == ""
+    forced = ParserConfig(tool_names=frozenset({"add"}), starts_in_tool_block=True)
+    for nothing_complete in ('[{"name": "add", "argu', "[", "[ ", ""):
+        out = parse_output(nothing_complete, forced)
+        assert out == ParseDelta(), nothing_complete
+
+
+def test_an_unfinished_block_that_is_not_a_call_array_stays_content():
+    for text in ("<tool_calls>I would call a tool", "<tool_calls>[maybe later"):
+        assert parse_output(text, TOOLS) == ParseDelta(content=text.removeprefix("<tool_calls>"))

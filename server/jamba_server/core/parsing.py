@@ -5,7 +5,9 @@ small state machine fed text deltas:
 
 - content is emitted as soon as it cannot be the start of a tag (a possible tag prefix is held back);
 - a tool-call block is held until it closes (or the output ends), then validated as a whole: valid →
-  tool calls, malformed or not allowed → its text becomes plain content (never an error);
+  tool calls, malformed or not allowed → its text becomes plain content (never an error); a block the
+  output ends inside (cut by `max_tokens`) gives the calls that completed, and the cut call is
+  dropped — never returned as content in the protocol's own syntax;
 - a citation block is held until it closes (or the output ends) and becomes the citation list;
 - every other special token (`<|eom|>`, `<|bom|>`, ...) is dropped.
 
@@ -97,13 +99,60 @@ def parse_tool_block(
     block: str, config: ParserConfig, id_factory: Callable[[], str] = new_tool_call_id
 ) -> list[ParsedToolCall] | None:
     """The calls in a tool-call block, or None when it is malformed or not allowed."""
-    if config.tool_names is None:
-        return None
     try:
         items = json.loads(block)
     except ValueError:
         return None
-    if not isinstance(items, list) or not items:
+    return _tool_calls(items, config, id_factory)
+
+
+def parse_cut_tool_block(
+    block: str, config: ParserConfig, id_factory: Callable[[], str] = new_tool_call_id
+) -> list[ParsedToolCall] | None:
+    """The calls of a tool-call block the output ended inside (cut by `max_tokens`): the whole block
+    if it is complete but for its closing tag, else the calls that completed before the cut (an
+    empty list if none did). None when what there is is not the start of a JSON array of calls."""
+    calls = parse_tool_block(block, config, id_factory)
+    if calls is not None:
+        return calls
+    items = _complete_array_items(block)
+    if items is None:
+        return None
+    return _tool_calls(items, config, id_factory, allow_empty=True) if items else ([] if config.tool_names else None)
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _complete_array_items(text: str) -> list[Any] | None:
+    """The complete items at the start of a JSON array that `text` begins (a prefix of one), or None
+    when `text` does not begin one."""
+    position = len(text) - len(text.lstrip())
+    if not text.startswith("[", position):
+        return None
+    items: list[Any] = []
+    position += 1
+    while True:
+        position = len(text) - len(text[position:].lstrip())
+        if position < len(text) and text[position] != "{":
+            return items or None  # not a call object: after a complete call, the cut; first, not an array of calls
+        try:
+            item, position = _DECODER.raw_decode(text, position)
+        except ValueError:
+            return items  # the cut call (or nothing after `[`)
+        items.append(item)
+        position = len(text) - len(text[position:].lstrip())
+        if not text.startswith(",", position):
+            return items
+        position += 1
+
+
+def _tool_calls(
+    items: Any, config: ParserConfig, id_factory: Callable[[], str], allow_empty: bool = False
+) -> list[ParsedToolCall] | None:
+    if config.tool_names is None:
+        return None
+    if not isinstance(items, list) or not (items or allow_empty):
         return None
     calls = []
     for item in items:
@@ -174,8 +223,18 @@ class OutputParser:
         if self._state == "content":
             out.content += _strip_special(self._buffer)
             self._buffer = ""
+        elif self._state == "tools":
+            # The output ended inside a tool-call block (cut by max_tokens): the calls that completed
+            # are calls; the cut one is dropped, never returned as text in the protocol's syntax.
+            block, self._buffer = self._buffer, ""
+            calls = parse_cut_tool_block(block, self.config, self._id_factory)
+            if calls is None:
+                self._close_block(block, out)  # not a call array at all: plain content, as ever
+            else:
+                if calls:
+                    self._accept_calls(calls, out)
+                self._state = "content"
         else:
-            # The output ended inside a block: judge what there is.
             block, self._buffer = self._buffer, ""
             self._close_block(block, out)
         if self.config.citation_mode and not self._citations_seen:
@@ -205,6 +264,11 @@ class OutputParser:
             self._state = "citations"
         return True
 
+    def _accept_calls(self, calls: list[ParsedToolCall], out: ParseDelta) -> None:
+        out.tool_calls.extend(calls)
+        self.tool_blocks_parsed += 1
+        self.tool_calls_returned += len(calls)
+
     def _close_block(self, block: str, out: ParseDelta) -> None:
         if self._state == "tools":
             calls = parse_tool_block(block, self.config, self._id_factory)
@@ -212,9 +276,7 @@ class OutputParser:
                 self.tool_blocks_rejected += 1
                 out.content += _strip_special(block)
             else:
-                out.tool_calls.extend(calls)
-                self.tool_blocks_parsed += 1
-                self.tool_calls_returned += len(calls)
+                self._accept_calls(calls, out)
         else:
             citations = parse_citation_block(block, self.config)
             if citations is None:
