@@ -475,6 +475,16 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class DetokenizeRequest(BaseModel):
+    model_config = _STRICT
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 class TokenizeResponse(BaseModel):
     tokens: list[int]
     count: int

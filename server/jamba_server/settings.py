@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -262,6 +263,90 @@ def _check_key_sources(keys: list[tuple[Any, str]]) -> None:
 # Settings whose values may appear in an error message: the scalars (not api_keys, env, engine_args).
 _SHOWN_IN_ERRORS = frozenset(_SCALAR_FIELDS)
 
+# One line of help per flag, grouped as `vllm serve --help` groups its own.
+_FLAG_HELP: dict[str, tuple[str, str]] = {
+    "model": ("engine", "Hugging Face model id or local model directory"),
+    "served_model_name": ("engine", "the name clients send as `model`"),
+    "revision": ("engine", "the model's Hugging Face commit or tag; the tokenizer follows it"),
+    "tokenizer": ("engine", "tokenizer source"),
+    "tensor_parallel_size": ("engine", "GPUs per model replica (tensor parallel)"),
+    "pipeline_parallel_size": ("engine", "pipeline stages"),
+    "quantization": ("engine", "vLLM quantization method, e.g. experts_int8"),
+    "dtype": ("engine", "weights dtype; auto means float32 on the CPU backend"),
+    "max_model_len": ("engine", "context length"),
+    "gpu_memory_utilization": ("engine", "fraction of GPU memory vLLM may use"),
+    "max_num_seqs": ("engine", "engine batch slots"),
+    "max_num_batched_tokens": ("engine", "tokens per engine step"),
+    "enforce_eager": ("engine", "disable CUDA graphs and compilation"),
+    "trust_remote_code": ("engine", "allow the model's own Hugging Face code"),
+    "enable_prefix_caching": ("engine", "prefix caching"),
+    "seed": ("engine", "engine seed"),
+    "host": ("server", "listen address"),
+    "port": ("server", "listen port"),
+    "chat_template": ("server", "Jinja chat template file"),
+    "timeout_keep_alive": ("server", "seconds an idle keep-alive connection stays open (keep above your proxy's)"),
+    "limit_concurrency": ("server", "open connections before uvicorn answers 503"),
+    "stream_write_timeout": ("server", "seconds a stream may wait for its client to read before it is cut"),
+    "responses_store_max_entries": ("server", "Responses API store: most responses kept"),
+    "responses_store_max_bytes": ("server", "Responses API store: most bytes kept"),
+    "responses_store_ttl": ("server", "Responses API store: seconds a response is kept"),
+    "max_concurrent_requests": ("admission", "engine sequences at once (a request with n choices takes n)"),
+    "max_queued_requests": ("admission", "requests waiting for a slot; beyond: 429"),
+    "max_tokens_in_flight": ("admission", "cap on prompt + max_tokens x n of running requests"),
+    "retry_after_seconds": ("admission", "Retry-After on 429 and 503"),
+    "request_timeout": ("admission", "request deadline in seconds (X-Request-Timeout may shorten it)"),
+    "drain_timeout": ("admission", "seconds in-flight requests get after SIGTERM"),
+    "max_body_bytes": ("limits", "request body size"),
+    "max_messages": ("limits", "messages per request"),
+    "max_n": ("limits", "choices per request (n)"),
+    "max_tokens_limit": ("limits", "cap on max_tokens"),
+    "max_stop_sequences": ("limits", "stop sequences per request"),
+    "max_stop_length": ("limits", "characters per stop sequence"),
+    "max_tools": ("limits", "tools per request"),
+    "max_schema_bytes": ("limits", "bytes per JSON schema (response format, tool parameters)"),
+    "max_documents": ("limits", "documents per request"),
+    "max_document_chars": ("limits", "characters of document text per request"),
+    "metrics_require_auth": ("auth", "require an API key for /metrics"),
+    "log_level": ("logging", "debug, info, warning or error"),
+    "log_format": ("logging", "json or text"),
+    "log_request_content": ("logging", "log prompts and outputs (off: only counts and ids)"),
+}
+_GROUPS = ("engine", "server", "admission", "limits", "auth", "logging")
+# What an unset (None) default means, where it means more than "none".
+_UNSET_MEANS = {
+    "served_model_name": "--model",
+    "tokenizer": "--model",
+    "max_model_len": "the model's",
+    "max_num_seqs": "vllm serve's",
+    "max_num_batched_tokens": "vllm serve's",
+    "enable_prefix_caching": "vLLM's, off on CPU",
+    "max_concurrent_requests": "max_num_seqs",
+    "chat_template": "the built-in Jamba 1.5 template",
+}
+_HF_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
+
+
+def check_model_reference(model: str) -> None:
+    """A model is an existing directory or a Hugging Face model id; anything else is a one-line
+    error here, not a hub library's traceback at engine start."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise SettingsError(f"model {model!r} is a file; expected a model directory or a Hugging Face model id (owner/name)")
+    if model.startswith(("/", ".", "~")) or not _HF_MODEL_ID.fullmatch(model):
+        raise SettingsError(f"model {model!r}: no such directory, and not a Hugging Face model id (owner/name)")
+
+
+def _flag_help(name: str) -> str:
+    field = Settings.model_fields[name]
+    default = field.default
+    if field.is_required():
+        shown = "required"
+    else:
+        shown = _UNSET_MEANS.get(name, "none") if default is None else str(default).lower() if isinstance(default, bool) else default
+    return f"{_FLAG_HELP[name][1]} (default: {shown}; env {ENV_PREFIX}{name.upper()})"
+
 
 def _describe(exc: ValidationError) -> str:
     lines = [f"{exc.error_count()} invalid setting(s):"]
@@ -298,29 +383,27 @@ def build_arg_parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible server for Jamba 1.5 on vLLM. "
         "Precedence: --config preset < JAMBA_* environment < flags.",
     )
-    parser.add_argument("--config", help="YAML preset (see configs/)")
+    parser.add_argument("--config", help=f"YAML preset (see configs/); env {ENV_PREFIX}CONFIG")
+    groups = {name: parser.add_argument_group(name) for name in _GROUPS}
     for name, kind in _SCALAR_FIELDS.items():
         flag = "--" + name.replace("_", "-")
+        group = groups[_FLAG_HELP[name][0]]
         if kind is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None)
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=_flag_help(name))
         else:
-            parser.add_argument(flag, dest=name, type=kind, default=None)
-    parser.add_argument(
+            group.add_argument(flag, dest=name, type=kind, default=None, metavar=kind.__name__.upper(), help=_flag_help(name))
+    groups["auth"].add_argument(
         "--api-key", dest="api_key", action="append", default=[], metavar="KEY",
-        help="accepted API key (repeatable); also JAMBA_API_KEYS (comma-separated)",
+        help=f"accepted API key, at least {MIN_API_KEY_LENGTH} characters (repeatable); env {ENV_PREFIX}API_KEYS (comma-separated)",
     )  # fmt: skip
-    parser.add_argument(
+    groups["auth"].add_argument(
         "--api-key-file", dest="api_key_file", default=None, metavar="PATH",
-        help="file with one API key per line; also JAMBA_API_KEY_FILE",
+        help=f"file with one API key per line; env {ENV_PREFIX}API_KEY_FILE",
     )  # fmt: skip
-    parser.add_argument(
-        "--engine-arg",
-        dest="engine_arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra vLLM engine argument (YAML value), repeatable",
-    )
+    groups["engine"].add_argument(
+        "--engine-arg", dest="engine_arg", action="append", default=[], metavar="KEY=VALUE",
+        help="any other vLLM engine argument (value parsed as YAML), repeatable",
+    )  # fmt: skip
     return parser
 
 
@@ -350,6 +433,7 @@ def load_settings(
         values["api_keys"] = [key for key, _ in keys]
     if "model" not in values:
         raise SettingsError("no model: give --config PRESET or --model")
+    check_model_reference(str(values["model"]))
     try:
         return Settings(**values)
     except ValidationError as exc:

@@ -37,3 +37,12 @@ def test_client_text_never_becomes_control_tokens(client, http):
     tokenized = http.post("/tokenize", json={"messages": [{"role": "user", "content": INJECTED}]}).json()
     assert tokenized["tokens"] == forged
     assert INJECTED in tokenized["prompt"]
+
+
+def test_detokenize_inverts_tokenize_and_checks_the_vocabulary(http):
+    rendered = http.post("/tokenize", json={"model": MODEL_NAME, "messages": [{"role": "user", "content": "héllo <|eom|> wörld"}]}).json()
+    back = http.post("/detokenize", json={"model": MODEL_NAME, "tokens": rendered["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": rendered["prompt"]}
+    refused = http.post("/detokenize", json={"model": MODEL_NAME, "tokens": [1, 10**9]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "tokens"
+    assert http.post("/detokenize", json={"model": "nope", "tokens": [1]}).status_code == 404

@@ -237,3 +237,31 @@ def test_gpu_presets_cap_max_tokens(preset):
         at -= 1
         comment.insert(0, lines[at])
     assert "400" in " ".join(comment) and "default" in " ".join(comment), "the preset says what the cap does"
+
+
+def test_every_flag_has_one_line_of_help_with_its_default_and_variable(capsys):
+    import jamba_server.settings as settings_module
+
+    with pytest.raises(SystemExit):
+        load_settings(["--help"])
+    text = capsys.readouterr().out
+    for name in settings_module._SCALAR_FIELDS:
+        flag = "--" + name.replace("_", "-")
+        assert flag in text and f"env JAMBA_{name.upper()})" in " ".join(text.split()), name
+    for group in ("engine:", "server:", "admission:", "limits:", "auth:", "logging:"):
+        assert f"\n{group}\n" in text
+    assert "PydanticUndefined" not in text and "(default: required; env JAMBA_MODEL)" in " ".join(text.split())
+
+
+@pytest.mark.parametrize("model", ["/no/such/dir", "./missing", "not a model!", "a/b/c", "~/nowhere"])
+def test_a_model_that_is_neither_a_directory_nor_an_id_is_one_line(model):
+    with pytest.raises(SettingsError, match="no such directory, and not a Hugging Face model id"):
+        load_settings(["--model", model], environ={})
+
+
+def test_model_ids_and_directories_pass(tmp_path):
+    for model in ("ai21labs/AI21-Jamba-Mini-1.5", "gpt2", str(tmp_path)):
+        assert load_settings(["--model", model], environ={}).model == model
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(SettingsError, match="is a file"):
+        load_settings(["--model", str(tmp_path / "weights.bin")], environ={})

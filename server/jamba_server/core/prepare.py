@@ -20,7 +20,7 @@ from jamba_server.core.limits import check_chat_input_limits, check_chat_limits,
 from jamba_server.core.responses import ChatAccumulator, ChatStreamer, CompletionAccumulator, CompletionStreamer
 from jamba_server.core.sampling import SamplingSpec, sampling_spec
 from jamba_server.errors import InvalidRequestError
-from jamba_server.protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest
+from jamba_server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from jamba_server.settings import Settings
 
 
@@ -175,3 +175,11 @@ def prepare_tokenize(body: TokenizeRequest, engine: EngineFacts, settings: Setti
     plan = plan_chat(body)
     suffix = plan.prompt_suffix if body.add_generation_prompt else ""
     return prompts.render_chat(engine.tokenizer, chat_template, plan.template_inputs, body.add_generation_prompt, suffix)
+
+
+def prepare_detokenize(body: DetokenizeRequest, engine: EngineFacts) -> str:
+    """The text of token ids (special tokens included), each id checked against the vocabulary."""
+    bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
+    if bad:
+        raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (size {engine.vocab_size})", param="tokens")
+    return engine.tokenizer.decode(body.tokens)

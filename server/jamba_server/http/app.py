@@ -25,7 +25,7 @@ from jamba_server.settings import Settings
 logger = logging.getLogger(__name__)
 _REQUESTS_NAMING_THE_MODEL = (
     "ChatCompletionRequest", "CompletionRequest", "TokenizeRequest", "ResponsesRequest", "MessagesRequest",
-    "CountTokensRequest",
+    "CountTokensRequest", "DetokenizeRequest",
 )  # fmt: skip
 
 

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 _MAX_REQUEST_ID = 128
 ROUTES = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/v1/models",
-     "/tokenize", "/health", "/ready", "/metrics", "/version", "/openapi.json", "/docs", "/redoc"}
+     "/tokenize", "/detokenize", "/health", "/ready", "/metrics", "/version", "/openapi.json", "/docs", "/redoc"}
 )  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""Service endpoints: tokenize, health and readiness probes, version, Prometheus metrics."""
+"""Service endpoints: tokenize and detokenize, health and readiness probes, version, Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from jamba_server import __version__
-from jamba_server.core.prepare import prepare_tokenize
+from jamba_server.core.prepare import prepare_detokenize, prepare_tokenize
 from jamba_server.errors import ServiceUnavailableError
 from jamba_server.http.pipeline import prepare_job, server_of
 from jamba_server.http.routes import ERRORS
-from jamba_server.protocol import TokenizeRequest, TokenizeResponse
+from jamba_server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 
 router = APIRouter()
 
@@ -30,6 +30,15 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         max_model_len=server.engine.max_model_len,
         prompt=prompt.text,
     )
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    """The text of token ids, as the model's tokenizer decodes them (special tokens included)."""
+    server = server_of(request)
+    server.check_model(body.model)
+    server.readiness.check()
+    return DetokenizeResponse(prompt=await prepare_job(request, prepare_detokenize, body, server.engine))
 
 
 @router.get("/health", responses=ERRORS)
