@@ -216,6 +216,11 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool = False
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=64)
+    include_stop_str_in_output: bool = False
+    bad_words: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(None, max_length=256)
+    allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
+    skip_special_tokens: bool = True
     return_token_ids: bool = Field(
         False, description="Add prompt_token_ids and per-choice token_ids (non-streaming only)."
     )

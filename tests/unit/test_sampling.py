@@ -58,3 +58,19 @@ def test_default_max_tokens_respects_the_server_cap():
     assert resolve_max_tokens(None, 95, 100, default_cap=16) == 5
     s = sampling_spec(CompletionRequest(model="m", prompt="x"), prompt_tokens=2, max_model_len=100, vocab_size=50, max_tokens_cap=7)
     assert s.max_tokens == 7
+
+
+def test_token_level_options_reach_the_spec_and_are_checked():
+    request = CompletionRequest(model="m", prompt="x", max_tokens=4, stop_token_ids=[3], allowed_token_ids=[3, 4],
+                                bad_words=["no"], include_stop_str_in_output=True, skip_special_tokens=False)  # fmt: skip
+    spec = sampling_spec(request, prompt_tokens=1, max_model_len=64, vocab_size=10)
+    assert (spec.stop_token_ids, spec.allowed_token_ids, spec.bad_words) == ((3,), (3, 4), ("no",))
+    assert spec.include_stop_str_in_output and spec.keep_special_tokens
+    for field in ("stop_token_ids", "allowed_token_ids"):
+        with pytest.raises(InvalidRequestError) as refused:
+            sampling_spec(CompletionRequest(model="m", prompt="x", max_tokens=4, **{field: [10]}), prompt_tokens=1, max_model_len=64, vocab_size=10)
+        assert refused.value.param == field
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], skip_special_tokens=False)
+    with pytest.raises(InvalidRequestError) as refused:
+        sampling_spec(chat, prompt_tokens=1, max_model_len=64, vocab_size=10)
+    assert refused.value.param == "skip_special_tokens"

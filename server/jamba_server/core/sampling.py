@@ -34,6 +34,10 @@ class SamplingSpec:
     json_schema_param: str | None = None  # where the schema came from in the request
     banned_tokens: tuple[str, ...] = ()  # special tokens that must not be sampled
     keep_special_tokens: bool = False  # detokenize tags too (the chat output parser strips them)
+    stop_token_ids: tuple[int, ...] = ()  # besides the model's end-of-turn tokens
+    include_stop_str_in_output: bool = False
+    bad_words: tuple[str, ...] = ()
+    allowed_token_ids: tuple[int, ...] | None = None
 
 
 def resolve_max_tokens(
@@ -70,6 +74,27 @@ def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, floa
             )
         bias[token_id] = value
     return bias
+
+
+def _token_ids(ids: list[int] | None, vocab_size: int, param: str) -> tuple[int, ...]:
+    for token_id in ids or ():
+        if token_id >= vocab_size:
+            raise InvalidRequestError(f"{param}: token id {token_id} is outside the vocabulary (0..{vocab_size - 1})", param=param)
+    return tuple(ids or ())
+
+
+def _keep_special_tokens(request: ChatCompletionRequest | CompletionRequest) -> bool:
+    """Chat always detokenizes special tokens, for its output parser (which strips them from
+    content); completions keep them only when asked (`skip_special_tokens: false`)."""
+    if isinstance(request, ChatCompletionRequest):
+        if not request.skip_special_tokens:
+            raise InvalidRequestError(
+                "chat content never holds special tokens (the output parser turns them into tool calls "
+                "and citations); use /v1/completions for raw output",
+                param="skip_special_tokens",
+            )
+        return True
+    return not request.skip_special_tokens
 
 
 def sampling_spec(
@@ -111,5 +136,9 @@ def sampling_spec(
         json_schema=json_schema,
         json_schema_param=json_schema_param,
         banned_tokens=banned_tokens,
-        keep_special_tokens=isinstance(request, ChatCompletionRequest),
+        keep_special_tokens=_keep_special_tokens(request),
+        stop_token_ids=_token_ids(request.stop_token_ids, vocab_size, "stop_token_ids"),
+        include_stop_str_in_output=request.include_stop_str_in_output,
+        bad_words=tuple(request.bad_words or ()),
+        allowed_token_ids=_token_ids(request.allowed_token_ids, vocab_size, "allowed_token_ids") or None,
     )

@@ -152,7 +152,10 @@ class EngineAdapter:
             seed=spec.seed,
             stop=list(spec.stop) or None,
             # ignore_eos means "run to max_tokens": the end-of-turn tokens must not stop it either.
-            stop_token_ids=None if spec.ignore_eos else list(self._stop_token_ids),
+            stop_token_ids=list(spec.stop_token_ids) + ([] if spec.ignore_eos else list(self._stop_token_ids)) or None,
+            include_stop_str_in_output=spec.include_stop_str_in_output,
+            bad_words=list(spec.bad_words) or None,
+            allowed_token_ids=list(spec.allowed_token_ids) if spec.allowed_token_ids else None,
             presence_penalty=spec.presence_penalty,
             frequency_penalty=spec.frequency_penalty,
             repetition_penalty=spec.repetition_penalty,
