@@ -44,7 +44,9 @@ def test_openapi_matches_accepted_requests(http):
             "min_tokens": 0, "ignore_eos": False, "max_completion_tokens": 1, "stream": False,
             "return_token_ids": True, "parallel_tool_calls": True, "tool_choice": "auto", "citation_mode": "off",
             "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-            "documents": [{"text": "doc", "title": "t"}], "response_format": {"type": "text"}}  # fmt: skip
+            "documents": [{"text": "doc", "title": "t"}], "response_format": {"type": "text"},
+            "stop_token_ids": [5], "include_stop_str_in_output": False, "bad_words": ["zz"],
+            "allowed_token_ids": list(range(16, 600)), "skip_special_tokens": True}  # fmt: skip
     missing = set(ChatCompletionRequest.model_fields) - set(body) - {"stream_options"}
     assert not missing
     resp = http.post("/v1/chat/completions", json=body)
