@@ -272,12 +272,24 @@ class ChatFeatures(BaseModel):
     citation_mode: Literal["off", "fast"] | None = Field(
         None, description="Extension: `fast` turns on Jamba's citation mode; needs documents."
     )
+    # vLLM's prompt-shape fields (checked with the other features in core/features.py).
+    add_generation_prompt: bool = Field(
+        True, description="vLLM extension: end the prompt with the assistant turn's opening (`<|bom|><|assistant|>`)."
+    )
+    continue_final_message: bool = Field(
+        False,
+        description="vLLM extension: the prompt ends with the final (assistant) message's text, open, and the reply "
+        "continues it (prefill). Needs `add_generation_prompt: false`.",
+    )
 
 
 class ChatCompletionRequest(SamplingFields, ChatFeatures):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = Field(
+        False, description="vLLM extension: the reply's content starts with the last message's, when that is an assistant message."
+    )
 
     @model_validator(mode="after")
     def _logprob_fields(self) -> ChatCompletionRequest:
@@ -312,7 +324,6 @@ class TokenizeRequest(ChatFeatures):
     model: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     prompt: str | None = None
-    add_generation_prompt: bool = True
     add_special_tokens: bool = True
 
     @model_validator(mode="after")
@@ -322,6 +333,7 @@ class TokenizeRequest(ChatFeatures):
         if self.prompt is not None:
             chat_only = ("tools", "tool_choice", "documents", "response_format", "citation_mode")
             given = [name for name in chat_only if getattr(self, name) is not None]
+            given += ["continue_final_message"] if self.continue_final_message else []
             if given:
                 raise ValueError(f"{given[0]} applies to messages, not to a raw prompt")
         return self

@@ -75,7 +75,7 @@ def test_named_tool_and_output_format_map_to_chat_fields():
 @pytest.mark.parametrize(
     "messages, param",
     [
-        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure"}], "messages[1]"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure "}], "messages"),
         ([{"role": "user", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]}], "messages[0].content[0]"),
         ([{"role": "assistant", "content": [{"type": "tool_result", "tool_use_id": "t"}]}, {"role": "user", "content": "x"}],
          "messages[0].content[0]"),

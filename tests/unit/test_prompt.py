@@ -92,6 +92,33 @@ def test_piecewise_tokenizing_equals_whole_text_tokenizing(tokenizer, texts):
     assert spellings.encode(tokenizer, prompt.text, unused_placeholder) == tokenizer.encode(prompt.text, add_special_tokens=False)
 
 
+def _prefilled(tokenizer, user, prefill, **fields):
+    body = {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": prefill}], **fields}
+    request = ChatCompletionRequest.model_validate({"model": "m", **body})
+    plan = plan_chat(request)
+    return render_chat(tokenizer, TEMPLATE, plan.template_inputs, plan.add_generation_prompt, plan.prompt_suffix,
+                       continue_final_message=plan.continue_final_message)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(user=client_text, prefill=client_text)
+def test_a_prefill_is_client_text_and_the_prompt_ends_with_it(tokenizer, user, prefill):
+    """A continued assistant message (`continue_final_message`) keeps the trust boundary: its control
+    spellings never become control tokens (the control ids are the spelling-free twin's: the
+    template's, ending at the assistant opening), the prompt ends with the prefill exactly, and it is
+    the closed turn's prompt without the template's `<|eom|>`, id for id."""
+    prefill_fields = {"continue_final_message": True, "add_generation_prompt": False}
+    prompt = _prefilled(tokenizer, user, prefill, **prefill_fields)
+    twin = _prefilled(tokenizer, _strip(user), _strip(prefill), **prefill_fields)
+    assert _control_ids(tokenizer, prompt.token_ids) == _control_ids(tokenizer, twin.token_ids)
+    assert _control_ids(tokenizer, prompt.token_ids)[-2:] == tokenizer.convert_tokens_to_ids(["<|bom|>", "<|assistant|>"])
+    assert prompt.text.endswith("<|bom|><|assistant|> " + prefill)
+    assert tokenizer.decode(prompt.token_ids) == prompt.text
+    closed = _prefilled(tokenizer, user, prefill, add_generation_prompt=False)
+    assert prompt.text + "<|eom|>" == closed.text
+    assert prompt.token_ids + tokenizer.convert_tokens_to_ids(["<|eom|>"]) == closed.token_ids
+
+
 @pytest.mark.parametrize(
     "message",
     [

@@ -32,8 +32,8 @@ from jamba_server.core.features import plan_chat
 from jamba_server.core.limits import check_chat_input_limits
 from jamba_server.core.outputs import EngineStep
 from jamba_server.core.parsing import Citation, ParseDelta, ParserConfig
-from jamba_server.core.prepare import EngineFacts, GenerationJob, Renderers, chat_job, chat_parts
-from jamba_server.core.prompt import Prompt, render_chat
+from jamba_server.core.prepare import EngineFacts, GenerationJob, Renderers, chat_job, chat_parts, render_plan
+from jamba_server.core.prompt import Prompt
 from jamba_server.core.responses import ChatAccumulatorBase
 from jamba_server.errors import APIError, InvalidRequestError
 from jamba_server.protocol import ChatCompletionRequest
@@ -91,8 +91,9 @@ def _assistant_message(index: int, message: MessageParam) -> tuple[dict[str, Any
     return chat, f"messages[{index}]"
 
 
-def _conversation(body: MessagesFeatures) -> tuple[list[dict[str, Any]], list[str]]:
-    """Chat messages, and for each the Anthropic param it came from."""
+def _conversation(body: MessagesFeatures) -> tuple[list[dict[str, Any]], list[str], bool]:
+    """Chat messages, for each the Anthropic param it came from, and whether the reply continues the
+    final message (Anthropic's prefill: a final assistant message with text)."""
     messages: list[tuple[dict[str, Any], str]] = []
     if body.system:
         system = body.system if isinstance(body.system, str) else "\n".join(b.text for b in body.system)
@@ -102,12 +103,16 @@ def _conversation(body: MessagesFeatures) -> tuple[list[dict[str, Any]], list[st
             messages.extend(_user_messages(i, message))
         else:
             messages.append(_assistant_message(i, message))
-    if body.messages[-1].role != "user":
-        raise InvalidRequestError(
-            "the last message must be a user message (continuing an assistant turn is not supported)",
-            param=f"messages[{len(body.messages) - 1}]",
-        )
-    return [m for m, _ in messages], [origin for _, origin in messages]
+    prefill = body.messages[-1].role == "assistant"
+    if prefill:
+        final = messages[-1][0]
+        text = final.get("content") or ""
+        if not text and "tool_calls" not in final:
+            messages.pop()  # an empty final assistant message prefills nothing: a new turn, as usual
+            prefill = False
+        elif text != text.rstrip():
+            raise InvalidRequestError("final assistant content cannot end with trailing whitespace", param="messages")
+    return [m for m, _ in messages], [origin for _, origin in messages], prefill
 
 
 def _tool_choice(body: MessagesFeatures) -> dict[str, Any]:
@@ -151,8 +156,11 @@ def _chat_fields(body: MessagesFeatures) -> dict[str, Any]:
 def to_chat_request(body: MessagesFeatures) -> tuple[ChatCompletionRequest, list[str]]:
     """The chat request a Messages request means, and for each chat message the Anthropic param it
     came from (to name it in errors)."""
-    messages, origins = _conversation(body)
-    return chat_request({**_chat_fields(body), "messages": messages}, origins, RENAMES), origins
+    messages, origins, prefill = _conversation(body)
+    fields = {**_chat_fields(body), "messages": messages}
+    if prefill:
+        fields |= {"continue_final_message": True, "add_generation_prompt": False}
+    return chat_request(fields, origins, RENAMES), origins
 
 
 RENAMES = (
@@ -363,7 +371,6 @@ def prepare_count_tokens(body: CountTokensRequest, engine: EngineFacts, settings
     chat, origins = to_chat_request(body)
     try:
         check_chat_input_limits(chat, settings)
-        plan = plan_chat(chat)
+        return render_plan(engine, chat_template, plan_chat(chat))
     except APIError as exc:
         raise in_anthropic_terms(exc, origins) from None
-    return render_chat(engine.tokenizer, chat_template, plan.template_inputs, True, plan.prompt_suffix)

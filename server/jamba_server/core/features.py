@@ -42,6 +42,8 @@ class ChatPlan:
     banned_tokens: tuple[str, ...]
     parser: ParserConfig
     feature_labels: tuple[str, ...]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the prompt ends inside the final (assistant) message
 
 
 def _check_schema(schema: dict[str, Any], param: str, max_nesting: int = MAX_JSON_NESTING) -> None:
@@ -166,6 +168,59 @@ def _feature_labels(request: ChatFeatures) -> tuple[str, ...]:
     return tuple(labels)
 
 
+def _check_prompt_end(request: ChatFeatures, json_mode: bool, forced_tool: bool) -> None:
+    """`add_generation_prompt` / `continue_final_message` (vLLM's fields, vLLM's errors), and what
+    cannot follow them: a forced tool call opens the assistant turn the generation prompt starts;
+    with a prefill, the output constraint (JSON mode, a forced call) would hold the continuation
+    alone, which cannot be both the rest of the prefill and a whole JSON value or call block."""
+    if not request.continue_final_message:
+        if forced_tool and not request.add_generation_prompt:
+            raise InvalidRequestError(
+                "a required or named tool_choice needs add_generation_prompt (the call opens the assistant turn)",
+                param="add_generation_prompt",
+            )
+        return
+    if request.add_generation_prompt:
+        raise InvalidRequestError(
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+            param="continue_final_message",
+        )
+    last = len(request.messages) - 1
+    final = request.messages[last]
+    if final.role != "assistant":
+        raise InvalidRequestError(
+            "Cannot set `continue_final_message` to True when the last message is not from the assistant.",
+            param="continue_final_message",
+        )
+    if final.tool_calls:
+        raise InvalidRequestError(
+            "the message to continue has tool_calls: only an assistant message's text can be continued",
+            param=f"messages[{last}].tool_calls",
+        )
+    if final.citations is not None:
+        raise InvalidRequestError(
+            "the message to continue has citations: they belong to a finished answer", param=f"messages[{last}].citations"
+        )
+    if json_mode:
+        raise InvalidRequestError(
+            "a JSON output format cannot be combined with an assistant prefill (continue_final_message): the "
+            "format would hold the continuation alone, not the prefilled message",
+            param="response_format",
+        )
+    if forced_tool:
+        raise InvalidRequestError(
+            "a forced tool call (tool_choice required or named) cannot be combined with an assistant prefill "
+            "(continue_final_message): the call block would follow the prefilled text",
+            param="tool_choice",
+        )
+    if request.documents and not any(m.role == "user" for m in request.messages):
+        # Jamba's template puts documents before the last user turn, or after the conversation.
+        raise InvalidRequestError(
+            "documents with an assistant prefill (continue_final_message) need a user message before it",
+            param="documents",
+        )
+
+
 def plan_chat(request: ChatFeatures) -> ChatPlan:
     """Validate the request's features and decide prompt inputs, constraints and parsing."""
     _validate(request)
@@ -178,6 +233,7 @@ def plan_chat(request: ChatFeatures) -> ChatPlan:
             "response_format JSON cannot be combined with a required or named tool_choice",
             param="response_format",
         )
+    _check_prompt_end(request, json_mode, forced_tool)
 
     inputs: dict[str, Any] = {"conversation": [_with_citations(m) for m in request.messages]}
     if request.tools and choice != "none":
@@ -213,6 +269,8 @@ def plan_chat(request: ChatFeatures) -> ChatPlan:
         banned_tokens=(TOOL_OPEN,) if request.tools and choice == "none" else (),
         parser=parser,
         feature_labels=_feature_labels(request),
+        add_generation_prompt=request.add_generation_prompt,
+        continue_final_message=request.continue_final_message,
     )
 
 

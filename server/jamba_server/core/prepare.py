@@ -71,12 +71,25 @@ class ChatParts:
     engine_params: Any
 
 
+def render_plan(engine: EngineFacts, chat_template: str, plan: ChatPlan) -> prompts.Prompt:
+    """The planned prompt: the conversation rendered, ended as the plan says (the generation prompt
+    and any forced opening, nothing, or the final message left open)."""
+    return prompts.render_chat(
+        engine.tokenizer,
+        chat_template,
+        plan.template_inputs,
+        plan.add_generation_prompt,
+        plan.prompt_suffix,
+        continue_final_message=plan.continue_final_message,
+    )
+
+
 def chat_parts(body: ChatCompletionRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> ChatParts:
     """Limits → feature plan → prompt (rendered, tokenized by provenance) → sampling spec → the
     engine's parameters (the output constraint compiled): every chat-shaped protocol's checks."""
     check_chat_limits(body, settings)
     plan = plan_chat(body)
-    prompt = prompts.render_chat(engine.tokenizer, chat_template, plan.template_inputs, True, plan.prompt_suffix)
+    prompt = render_plan(engine, chat_template, plan)
     spec = sampling_spec(
         body,
         prompt_tokens=len(prompt.token_ids),
@@ -111,15 +124,23 @@ def prepare_chat(body: ChatCompletionRequest, engine: EngineFacts, settings: Set
     plan, n = parts.plan, parts.spec.n
     created = int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    echo = echo_text(body)
     renderers = Renderers(
         streamer=lambda rid, model: ChatStreamer(rid, model, n, body.logprobs, created=created, parser=plan.parser),
-        accumulator=lambda rid, model: ChatAccumulator(rid, model, n, body.logprobs, plan.parser),
-        opening=lambda streamer: [streamer.opening()],
+        accumulator=lambda rid, model: ChatAccumulator(rid, model, n, body.logprobs, plan.parser, echo_text=echo),
+        opening=lambda streamer: [streamer.opening(), *(streamer.echo(echo) if echo else [])],
         closing=lambda streamer: [streamer.usage_chunk()] if include_usage else [],
     )
     return chat_job(
         parts, renderers, stream=body.stream, endpoint="chat", include_usage=include_usage, return_token_ids=body.return_token_ids
     )
+
+
+def echo_text(body: ChatCompletionRequest) -> str:
+    """vLLM's chat `echo`: the last message's content starts the reply's when it is of the reply's
+    role (here always `assistant`), so a prefill comes back whole with its continuation."""
+    last = body.messages[-1]
+    return last.text() if body.echo and last.role == "assistant" else ""
 
 
 def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: Settings) -> GenerationJob:
@@ -172,9 +193,7 @@ def prepare_tokenize(body: TokenizeRequest, engine: EngineFacts, settings: Setti
     if body.messages is None:
         return prompts.encode_prompt(engine.tokenizer, body.prompt or "", body.add_special_tokens)
     check_chat_input_limits(body, settings)
-    plan = plan_chat(body)
-    suffix = plan.prompt_suffix if body.add_generation_prompt else ""
-    return prompts.render_chat(engine.tokenizer, chat_template, plan.template_inputs, body.add_generation_prompt, suffix)
+    return render_plan(engine, chat_template, plan_chat(body))
 
 
 def prepare_detokenize(body: DetokenizeRequest, engine: EngineFacts) -> str:

@@ -18,6 +18,15 @@ tokenize as they would have in the whole text (checked for each tokenizer when f
 says if not). The pieces go through a private copy of the tokenizer that reads every added token's
 spelling as text: Hugging Face's `split_special_tokens` flips a flag on the one shared tokenizer for
 the call, which races renders running in other threads.
+
+Continuing the final message (assistant prefill, `continue_final_message`): the template renders
+the conversation with a marker (private-use characters and a random number) appended to the final
+message's content, and the prompt is the text up to the marker — the message's text exactly, without
+what the template writes after it (Jamba's `<|eom|>`). Only template-owned text is removed: the
+template must render the content unchanged, and what it writes after it must be what it writes
+after that bare message with no tools, documents or output modes (else a 400: cutting would drop
+client text). The cut happens on the shielded text, so the prefill is tokenized by provenance like
+every other client string.
 """
 
 from __future__ import annotations
@@ -130,6 +139,11 @@ class ControlSpellings:
         shielded = {key: value if key in SERVER_INPUTS else walk(value) for key, value in inputs.items()}
         return (shielded, found) if found else (inputs, {})
 
+    @staticmethod
+    def marker() -> str:
+        """Text no client string and no placeholder holds (placeholders end in digits before `\ue001`)."""
+        return f"\ue000{secrets.randbelow(10**12):012d}end\ue001"
+
     def encode(self, tokenizer: ChatTokenizer, text: str, placeholders: dict[str, str]) -> list[int]:
         """Token ids of rendered `text`: its control spellings as control tokens, the placeholders'
         spellings as plain text."""
@@ -180,20 +194,22 @@ def render_chat(
     inputs: dict[str, Any],
     add_generation_prompt: bool = True,
     suffix: str = "",
+    continue_final_message: bool = False,
 ) -> Prompt:
     """Render through the tokenizer's template path, then tokenize by provenance without a second BOS.
 
     `suffix` is appended after the generation prompt (e.g. a forced `<tool_calls>` opening).
+    `continue_final_message`: the prompt ends with the final message's content, open (see above).
     """
     spellings = control_spellings(tokenizer)
     try:
         shielded, placeholders = spellings.shield(inputs)
-        text = tokenizer.apply_chat_template(
-            chat_template=chat_template,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=False,
-            **shielded,
-        )
+        if continue_final_message:
+            text = _render_open_final(tokenizer, chat_template, shielded)
+        else:
+            text = _render(tokenizer, chat_template, shielded, add_generation_prompt)
+    except InvalidRequestError:
+        raise
     except Exception as exc:  # jinja2 TemplateError, raise_exception() in the template, RecursionError
         raise InvalidRequestError(f"cannot render messages: {exc}", param="messages") from exc
     text += suffix
@@ -201,6 +217,43 @@ def render_chat(
     # The template writes BOS itself; the tokenizer must not add another.
     token_ids = spellings.encode(tokenizer, text, placeholders)
     return Prompt(text=spellings.restore(text, placeholders), token_ids=token_ids)
+
+
+def _render(tokenizer: ChatTokenizer, chat_template: str, inputs: dict[str, Any], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False, **inputs
+    )
+
+
+def _render_open_final(tokenizer: ChatTokenizer, chat_template: str, inputs: dict[str, Any]) -> str:
+    """The rendered conversation up to the end of its final message's content (shielded inputs in,
+    shielded text out): the template's own text after that content is removed, nothing else."""
+    conversation = inputs["conversation"]
+    final = conversation[-1]
+    content = final.get("content") or ""
+    marker = ControlSpellings.marker()
+    marked = [*conversation[:-1], {**final, "content": content + marker}]
+    text = _render(tokenizer, chat_template, {**inputs, "conversation": marked}, False)
+    where = text.find(marker)
+    if where < 0 or text.count(marker) != 1 or not text[:where].endswith(content):
+        raise InvalidRequestError(
+            "cannot continue the final message: the chat template does not render its content as given",
+            param="messages",
+        )
+    tail = text[where + len(marker) :]
+    bare = {"role": final["role"], "content": content + marker}
+    if tail and (set(inputs) != {"conversation"} or set(final) - {"role", "content"}):
+        # The template's own tail is what it writes after the bare message in the bare conversation;
+        # anything more is the request's (tool calls or citations of the message, documents or
+        # output modes placed after it) and would be cut away.
+        plain = _render(tokenizer, chat_template, {"conversation": [*conversation[:-1], bare]}, False)
+        if plain[plain.find(marker) + len(marker) :] != tail:
+            raise InvalidRequestError(
+                "cannot continue the final message: the chat template writes request content after it "
+                "(e.g. documents when no user message comes before it)",
+                param="messages",
+            )
+    return text[:where]
 
 
 def encode_prompt(tokenizer: ChatTokenizer, text: str, add_special_tokens: bool = True) -> Prompt:

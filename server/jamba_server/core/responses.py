@@ -176,7 +176,20 @@ class ChatAccumulatorBase(_Accumulator):
 
 
 class ChatAccumulator(ChatAccumulatorBase):
-    """Collects a whole request's steps into one `ChatCompletion`."""
+    """Collects a whole request's steps into one `ChatCompletion`; `echo_text` (chat `echo`) starts
+    every choice's content."""
+
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        n: int,
+        want_logprobs: bool,
+        parser: ParserConfig = ParserConfig(),
+        echo_text: str = "",
+    ):
+        super().__init__(request_id, model, n, want_logprobs, parser)
+        self.echo_text = echo_text
 
     def build(self, prompt_token_ids: list[int] | None = None) -> ChatCompletion:
         """`prompt_token_ids` given: token ids go into the response (`return_token_ids`)."""
@@ -186,6 +199,8 @@ class ChatAccumulator(ChatAccumulatorBase):
             parsed = parser.feed("".join(state.text))
             parsed.extend(parser.finish())
             content = parsed.content if parsed.content or not parsed.tool_calls else None
+            if self.echo_text:
+                content = self.echo_text + (content or "")
             choices.append(
                 ChatChoice(
                     index=i,
@@ -239,6 +254,11 @@ class ChatStreamer(ChatAccumulatorBase):
                 for i in range(len(self.choices))
             ]
         )
+
+    def echo(self, text: str) -> list[str]:
+        """Chat `echo`: the echoed text as each choice's first content chunk (after the role's), as
+        vLLM streams it."""
+        return [self._content_chunk(i, text) for i in range(len(self.choices))]
 
     def step(self, step: EngineStep) -> list[str]:
         """The step's chunks, serialized."""
