@@ -30,7 +30,8 @@ messages = st.lists(
     messages,
     st.dictionaries(
         st.sampled_from(["temperature", "top_p", "n", "stop", "logit_bias", "tools", "tool_choice", "documents",
-                         "response_format", "citation_mode", "seed", "logprobs", "top_logprobs", "stream"]),
+                         "response_format", "citation_mode", "seed", "logprobs", "top_logprobs", "stream",
+                         "truncate_prompt_tokens", "truncation_side"]),
         json_values, max_size=3,
     ),  # fmt: skip
 )
