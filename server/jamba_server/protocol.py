@@ -224,6 +224,21 @@ class SamplingFields(BaseModel):
     return_token_ids: bool = Field(
         False, description="Add prompt_token_ids and per-choice token_ids (non-streaming only)."
     )
+    truncate_prompt_tokens: int | None = Field(
+        None,
+        ge=-1,
+        le=2**63 - 1,
+        description=(
+            "Cut a prompt longer than this many tokens instead of refusing it (-1: as long as the context "
+            "allows); the prompt is also cut to leave room for max_tokens. Chat cuts message and document "
+            "text only, never the template's tokens (see README). The response's `prompt_truncation` says what went."
+        ),
+    )
+    truncation_side: Literal["left", "right"] | None = Field(
+        None,
+        description="With truncate_prompt_tokens: `left` (the default) cuts the oldest text first and keeps a "
+        "text's end; `right` cuts the newest text first and keeps a text's beginning.",
+    )
 
     @field_validator("stop")
     @classmethod
@@ -241,6 +256,13 @@ class SamplingFields(BaseModel):
         for key in value or {}:
             if not (key.isascii() and key.isdigit() and len(key) <= 10):
                 raise ValueError(f"logit_bias keys must be token ids (decimal integers), got {key[:20]!r}")
+        return value
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncation_length(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("must be a number of tokens (at least 1), or -1 for the model's context length")
         return value
 
     @model_validator(mode="after")
@@ -342,6 +364,28 @@ class TokenizeRequest(ChatFeatures):
 # ---------------------------------------------------------------- responses
 
 
+def _absent(value: Any) -> bool:
+    return value is None
+
+
+class PromptTruncation(BaseModel):
+    """Extension: what `truncate_prompt_tokens` did to the prompt (present when the request set it)."""
+
+    side: Literal["left", "right"]
+    limit: int = Field(description="The prompt budget applied: truncate_prompt_tokens, less room for max_tokens.")
+    prompt_tokens_before: int
+    tokens_removed: int
+    messages_truncated: list[int] | None = Field(
+        None, exclude_if=_absent, description="Chat: messages whose content was shortened (by index)."
+    )
+    messages_dropped: list[int] | None = Field(
+        None, exclude_if=_absent, description="Chat: earlier exchanges' messages removed whole."
+    )
+    documents_truncated: list[int] | None = Field(
+        None, exclude_if=_absent, description="Chat: documents whose text was shortened."
+    )
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -409,6 +453,7 @@ class ChatCompletion(BaseModel):
     usage: Usage
     system_fingerprint: str | None = None
     prompt_token_ids: list[int] | None = None
+    prompt_truncation: PromptTruncation | None = Field(None, exclude_if=_absent)
 
 
 class _DeltaModel(BaseModel):
@@ -452,6 +497,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    prompt_truncation: PromptTruncation | None = Field(None, exclude_if=_absent)  # on the first chunk
 
 
 class CompletionLogprobs(BaseModel):
@@ -477,6 +523,7 @@ class Completion(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     prompt_token_ids: list[int] | None = None
+    prompt_truncation: PromptTruncation | None = Field(None, exclude_if=_absent)  # streamed: on the first chunk
 
 
 class ModelCard(BaseModel):

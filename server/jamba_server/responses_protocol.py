@@ -40,8 +40,6 @@ def _refuse_unsupported(data: Any) -> Any:
             raise ValueError(f"{key}: {reason}")
     if data.get("top_logprobs") not in (None, 0):
         raise ValueError("top_logprobs: logprobs are not available on this endpoint (use /v1/chat/completions)")
-    if data.get("truncation") not in (None, "disabled"):
-        raise ValueError("truncation: only `disabled` is supported (a prompt that does not fit is a 400)")
     if data.get("include"):
         raise ValueError("include: no additional output data is available")
     reasoning = data.get("reasoning")
@@ -243,7 +241,11 @@ class ResponsesRequest(ResponsesFeatures):
     prompt_cache_options: dict[str, Any] | None = None
     stream_options: dict[str, Any] | None = None
     include: list[str] | None = None
-    truncation: Literal["disabled"] | None = None
+    truncation: Literal["auto", "disabled"] | None = Field(
+        None,
+        description="`auto`: a conversation longer than the context is cut to fit (oldest turns first, as chat's "
+        "truncate_prompt_tokens -1); `disabled` (the default): it is a 400.",
+    )
     reasoning: ReasoningConfig | None = None
     background: Literal[False] | None = None
     top_logprobs: Literal[0] | None = None
@@ -337,7 +339,7 @@ class ResponseObject(BaseModel):
     tool_choice: Any = "auto"
     tools: list[dict[str, Any]] = Field(default_factory=list)
     top_p: float | None = None
-    truncation: Literal["disabled"] = "disabled"
+    truncation: Literal["auto", "disabled"] = "disabled"
     usage: ResponsesUsage | None = None
     user: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)

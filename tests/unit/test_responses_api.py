@@ -111,7 +111,6 @@ def test_prepare_names_the_responses_param_of_a_limit(engine):
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input_image"),
         ({"input": [{"type": "item_reference", "id": "x"}]}, "item_reference"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
-        ({"truncation": "auto"}, "truncation"),
         ({"include": ["message.output_text.logprobs"]}, "include"),
         ({"conversation": "conv_1"}, "conversation"),
     ],

@@ -11,7 +11,7 @@ loop, so the pipeline can run a large one in a worker thread.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol
 
 from jamba_server.core import prompt as prompts
@@ -19,8 +19,16 @@ from jamba_server.core.features import ChatPlan, plan_chat
 from jamba_server.core.limits import check_chat_input_limits, check_chat_limits, check_completion_limits
 from jamba_server.core.responses import ChatAccumulator, ChatStreamer, CompletionAccumulator, CompletionStreamer
 from jamba_server.core.sampling import SamplingSpec, sampling_spec
+from jamba_server.core.truncation import DEFAULT_SIDE, Truncation, prompt_budget, truncate_chat, truncate_ids
 from jamba_server.errors import InvalidRequestError
-from jamba_server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from jamba_server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    PromptTruncation,
+    SamplingFields,
+    TokenizeRequest,
+)
 from jamba_server.settings import Settings
 
 
@@ -69,6 +77,38 @@ class ChatParts:
     prompt: prompts.Prompt
     spec: SamplingSpec
     engine_params: Any
+    truncation: Truncation | None = None  # when the request set truncate_prompt_tokens
+
+
+def _budget(body: SamplingFields, engine: EngineFacts, settings: Settings, max_tokens_param: str) -> int | None:
+    return prompt_budget(
+        body.truncate_prompt_tokens, body.requested_max_tokens(), engine.max_model_len, settings.max_tokens_limit, max_tokens_param
+    )
+
+
+def truncation_report(truncation: Truncation | None, chat: bool) -> PromptTruncation | None:
+    """The response's `prompt_truncation` (the message and document lists on chat only)."""
+    if truncation is None:
+        return None
+    lists = {}
+    if chat:
+        lists = {
+            "messages_truncated": list(truncation.messages_truncated),
+            "messages_dropped": list(truncation.messages_dropped),
+            "documents_truncated": list(truncation.documents_truncated),
+        }
+    return PromptTruncation(
+        side=truncation.side,
+        limit=truncation.limit,
+        prompt_tokens_before=truncation.prompt_tokens_before,
+        tokens_removed=truncation.tokens_removed,
+        **lists,
+    )
+
+
+def _reporting(result: Any, truncation: PromptTruncation | None) -> Any:
+    result.prompt_truncation = truncation
+    return result
 
 
 def render_plan(engine: EngineFacts, chat_template: str, plan: ChatPlan) -> prompts.Prompt:
@@ -85,11 +125,29 @@ def render_plan(engine: EngineFacts, chat_template: str, plan: ChatPlan) -> prom
 
 
 def chat_parts(body: ChatCompletionRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> ChatParts:
-    """Limits → feature plan → prompt (rendered, tokenized by provenance) → sampling spec → the
-    engine's parameters (the output constraint compiled): every chat-shaped protocol's checks."""
+    """Limits → feature plan → prompt (rendered, tokenized by provenance; cut to the budget when the
+    request truncates) → sampling spec → the engine's parameters (the output constraint compiled):
+    every chat-shaped protocol's checks."""
     check_chat_limits(body, settings)
     plan = plan_chat(body)
-    prompt = render_plan(engine, chat_template, plan)
+
+    def render(inputs: dict[str, Any]) -> prompts.Prompt:
+        return render_plan(engine, chat_template, replace(plan, template_inputs=inputs))
+
+    prompt = render(plan.template_inputs)
+    truncation = None
+    limit = _budget(body, engine, settings, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
+    if limit is not None:
+        if plan.continue_final_message:
+            raise InvalidRequestError(
+                "truncate_prompt_tokens cannot be combined with continue_final_message (the cut could "
+                "shorten the message being continued)",
+                param="truncate_prompt_tokens",
+            )
+        side = body.truncation_side or DEFAULT_SIDE
+        token_starts = prompts.control_spellings(engine.tokenizer).token_starts
+        cut = truncate_chat(plan.template_inputs, prompt, limit, side, render, token_starts)
+        prompt, truncation = cut.prompt, cut.truncation
     spec = sampling_spec(
         body,
         prompt_tokens=len(prompt.token_ids),
@@ -100,7 +158,7 @@ def chat_parts(body: ChatCompletionRequest, engine: EngineFacts, settings: Setti
         banned_tokens=plan.banned_tokens,
         max_tokens_cap=settings.max_tokens_limit,
     )
-    return ChatParts(plan, prompt, spec, engine.engine_params(spec))
+    return ChatParts(plan, prompt, spec, engine.engine_params(spec), truncation)
 
 
 def chat_job(parts: ChatParts, renderers: Renderers, *, stream: bool, endpoint: str, **fields: Any) -> GenerationJob:
@@ -125,9 +183,14 @@ def prepare_chat(body: ChatCompletionRequest, engine: EngineFacts, settings: Set
     created = int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     echo = echo_text(body)
+    truncated = truncation_report(parts.truncation, chat=True)
     renderers = Renderers(
-        streamer=lambda rid, model: ChatStreamer(rid, model, n, body.logprobs, created=created, parser=plan.parser),
-        accumulator=lambda rid, model: ChatAccumulator(rid, model, n, body.logprobs, plan.parser, echo_text=echo),
+        streamer=lambda rid, model: _reporting(
+            ChatStreamer(rid, model, n, body.logprobs, created=created, parser=plan.parser), truncated
+        ),
+        accumulator=lambda rid, model: _reporting(
+            ChatAccumulator(rid, model, n, body.logprobs, plan.parser, echo_text=echo), truncated
+        ),
         opening=lambda streamer: [streamer.opening(), *(streamer.echo(echo) if echo else [])],
         closing=lambda streamer: [streamer.usage_chunk()] if include_usage else [],
     )
@@ -154,6 +217,19 @@ def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: S
         if bad:
             raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary", param="prompt")
         prompt = prompts.Prompt(text="", token_ids=list(body.prompt))
+    truncation = None
+    limit = _budget(body, engine, settings, "max_tokens")
+    if limit is not None:
+        side = body.truncation_side or DEFAULT_SIDE
+        ids = prompt.token_ids
+        # A text prompt keeps the BOS the tokenizer put first; a list of ids is the client's to the last.
+        bos = getattr(engine.tokenizer, "bos_token_id", None)
+        keep_first = 1 if isinstance(body.prompt, str) and ids and bos is not None and ids[0] == bos else 0
+        kept = truncate_ids(ids, limit, side, keep_first)
+        truncation = Truncation(side, limit, len(ids), len(kept))
+        if len(kept) < len(ids):
+            text = engine.tokenizer.decode(kept[keep_first:]) if isinstance(body.prompt, str) else ""
+            prompt = prompts.Prompt(text=text, token_ids=kept)
     spec = sampling_spec(
         body,
         prompt_tokens=len(prompt.token_ids),
@@ -162,14 +238,17 @@ def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: S
         max_tokens_cap=settings.max_tokens_limit,
     )
     if body.echo and not isinstance(body.prompt, str):
-        prompt = prompts.Prompt(text=engine.tokenizer.decode(body.prompt), token_ids=prompt.token_ids)
+        prompt = prompts.Prompt(text=engine.tokenizer.decode(prompt.token_ids), token_ids=prompt.token_ids)
     want_logprobs = body.logprobs is not None
     echo_text = prompt.text if body.echo else ""
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     created = int(time.time())
+    truncated = truncation_report(truncation, chat=False)
     renderers = Renderers(
-        streamer=lambda rid, model: CompletionStreamer(rid, model, spec.n, want_logprobs, created=created),
-        accumulator=lambda rid, model: CompletionAccumulator(rid, model, spec.n, want_logprobs, echo_text=echo_text),
+        streamer=lambda rid, model: _reporting(CompletionStreamer(rid, model, spec.n, want_logprobs, created=created), truncated),
+        accumulator=lambda rid, model: _reporting(
+            CompletionAccumulator(rid, model, spec.n, want_logprobs, echo_text=echo_text), truncated
+        ),
         opening=lambda streamer: [streamer.echo(echo_text)] if echo_text else [],
         closing=lambda streamer: [streamer.usage_chunk()] if include_usage else [],
     )

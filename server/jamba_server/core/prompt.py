@@ -157,6 +157,11 @@ class ControlSpellings:
                 ids.extend(self._text_only.encode(self.restore(piece, placeholders), add_special_tokens=False).ids)
         return ids
 
+    def token_starts(self, text: str) -> list[int]:
+        """Where each token of client string `text` starts (character offsets), tokenized as client
+        text is: control spellings as plain text. Prompt truncation (core/truncation.py) cuts there."""
+        return [start for start, _ in self._text_only.encode(text, add_special_tokens=False).offsets]
+
     @staticmethod
     def restore(text: str, placeholders: dict[str, str]) -> str:
         """`text` with the placeholders swapped back for the client's spellings."""

@@ -29,6 +29,7 @@ from jamba_server.protocol import (
     DeltaFunctionCall,
     DeltaMessage,
     DeltaToolCall,
+    PromptTruncation,
     ResponseFunctionCall,
     ResponseMessage,
     ResponseToolCall,
@@ -99,6 +100,8 @@ class _ChoiceState:
 
 
 class _Accumulator:
+    prompt_truncation: PromptTruncation | None = None  # set by the job when the request truncates
+
     def __init__(self, request_id: str, model: str, n: int, want_logprobs: bool):
         self.request_id = request_id
         self.model = model
@@ -220,6 +223,7 @@ class ChatAccumulator(ChatAccumulatorBase):
             choices=choices,
             usage=self.usage(),
             prompt_token_ids=prompt_token_ids,
+            prompt_truncation=self.prompt_truncation,
         )
 
 
@@ -248,12 +252,17 @@ class ChatStreamer(ChatAccumulatorBase):
         ).model_dump_json()
 
     def opening(self) -> str:
-        return self._chunk(
-            [
+        """The first chunk: each choice's role, and what truncation cut (`prompt_truncation`)."""
+        return ChatCompletionChunk(
+            id=self.request_id,
+            created=self.created,
+            model=self.model,
+            choices=[
                 ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                 for i in range(len(self.choices))
-            ]
-        )
+            ],
+            prompt_truncation=self.prompt_truncation,
+        ).model_dump_json()
 
     def echo(self, text: str) -> list[str]:
         """Chat `echo`: the echoed text as each choice's first content chunk (after the role's), as
@@ -381,6 +390,7 @@ class CompletionAccumulator(_Accumulator):
             ],
             usage=self.usage(),
             prompt_token_ids=prompt_token_ids,
+            prompt_truncation=self.prompt_truncation,
         )
 
 
@@ -389,11 +399,18 @@ class CompletionStreamer(_Accumulator):
         super().__init__(request_id, model, n, want_logprobs)
         self.created = created
         self._offsets = [0] * n
-        self._text_chunk = _TextChunks(lambda i, text: self._chunk([CompletionChoice(index=i, text=text)]))
+        self._first = True  # the first chunk carries `prompt_truncation`
+        self._text_chunk = _TextChunks(lambda i, text: self._chunk([CompletionChoice(index=i, text=text)], first=False))
 
-    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None, first: bool | None = None) -> str:
+        first, self._first = (self._first if first is None else first), False
         return Completion(
-            id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage
+            id=self.request_id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=usage,
+            prompt_truncation=self.prompt_truncation if first else None,
         ).model_dump_json()
 
     def echo(self, text: str) -> str:
@@ -403,7 +420,7 @@ class CompletionStreamer(_Accumulator):
     def step(self, step: EngineStep) -> list[str]:
         """The step's chunk (all its choices in one), serialized."""
         self.add(step)
-        if len(step.choices) == 1 and not self.want_logprobs:
+        if len(step.choices) == 1 and not self.want_logprobs and not (self._first and self.prompt_truncation):
             d = step.choices[0]
             if d.finish_reason is None:
                 self._offsets[d.index] += len(d.text)

@@ -43,6 +43,7 @@ RENAMES = (
     (re.compile(r"^response_format\.json_schema\.schema"), "text.format.schema"),
     (re.compile(r"^response_format.*"), "text.format"),
     (re.compile(r"^(max_tokens|max_completion_tokens)$"), "max_output_tokens"),
+    (re.compile(r"^truncate_prompt_tokens$"), "truncation"),
     (re.compile(r"^tool_choice.*"), "tool_choice"),
     (re.compile(r"^messages.*"), "input"),  # about the conversation as a whole (a message's own param is its origin)
 )
@@ -115,6 +116,8 @@ def _chat_fields(body: ResponsesFeatures) -> dict[str, Any]:
     if isinstance(body, ResponsesRequest):
         sampling = {"max_tokens": body.max_output_tokens, "temperature": body.temperature, "top_p": body.top_p, "user": body.user}
         fields.update((k, v) for k, v in sampling.items() if v is not None)
+        if body.truncation == "auto":
+            fields["truncate_prompt_tokens"] = -1  # the longest prompt that leaves max_output_tokens room
     return fields
 
 
@@ -384,6 +387,7 @@ def _echo(body: ResponsesRequest) -> dict[str, Any]:
         "tools": [t.model_dump() for t in body.tools or ()],
         "user": body.user,
         "metadata": body.metadata or {},
+        "truncation": body.truncation or "disabled",
     }
 
 

@@ -31,7 +31,8 @@ messages = st.lists(
     st.dictionaries(
         st.sampled_from(["temperature", "top_p", "n", "stop", "logit_bias", "tools", "tool_choice", "documents",
                          "response_format", "citation_mode", "seed", "logprobs", "top_logprobs", "stream",
-                         "continue_final_message", "add_generation_prompt", "echo"]),
+                         "continue_final_message", "add_generation_prompt", "echo", "truncate_prompt_tokens",
+                         "truncation_side"]),
         json_values, max_size=3,
     ),  # fmt: skip
 )
