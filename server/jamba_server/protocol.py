@@ -187,6 +187,13 @@ class ResponseFormat(BaseModel):
 class StreamOptions(BaseModel):
     model_config = _STRICT
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(
+        False, description="vLLM extension: with include_usage, every chunk carries the usage so far."
+    )
+
+    def usage_flags(self) -> tuple[bool, bool]:
+        """(a final usage chunk, usage on every chunk): continuous usage needs include_usage, as in vLLM."""
+        return self.include_usage, self.include_usage and self.continuous_usage_stats
 
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]

@@ -144,3 +144,15 @@ def test_logit_bias_keys_are_ascii_decimal_token_ids(key):
 
 def test_logit_bias_decimal_keys_accepted():
     assert chat(logit_bias={"0": -1, "50256": 1, "007": 2}).logit_bias == {"0": -1, "50256": 1, "007": 2}
+
+
+@pytest.mark.parametrize(
+    "options, flags",
+    [
+        ({"include_usage": True, "continuous_usage_stats": True}, (True, True)),
+        ({"continuous_usage_stats": True}, (False, False)),  # as in vLLM: needs include_usage
+        ({"include_usage": True}, (True, False)),
+    ],
+)
+def test_stream_usage_flags(options, flags):
+    assert chat(stream=True, stream_options=options).stream_options.usage_flags() == flags

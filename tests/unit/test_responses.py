@@ -139,3 +139,29 @@ def test_a_model_named_like_the_text_slot_still_streams_its_text():
     [chunk] = chat.step(EngineStep((ChoiceDelta(0, "hi", (1,), None, None),), 1, False))
     parsed = ChatCompletionChunk.model_validate_json(chunk)
     assert parsed.model == "__text_slot__" and parsed.choices[0].delta.content == "hi"
+
+
+def test_continuous_usage_puts_the_usage_so_far_on_every_chat_chunk():
+    streamer = ChatStreamer("id", "m", 2, want_logprobs=False, created=0, continuous_usage=True, prompt_tokens=4)
+    opening = json.loads(streamer.opening())
+    assert opening["usage"] == {"prompt_tokens": 4, "completion_tokens": 0, "total_tokens": 4}
+    seen = []
+    for step in steps_from([["a", "b", "c"], ["x"]]):
+        seen += [json.loads(c)["usage"]["completion_tokens"] for c in streamer.step(step)]
+    assert seen == [2, 2, 3, 4]  # both choices' first tokens, then one more per step
+    assert json.loads(streamer.usage_chunk())["usage"]["total_tokens"] == 8
+
+
+def test_without_continuous_usage_chunks_carry_no_usage():
+    streamer = ChatStreamer("id", "m", 1, want_logprobs=False, created=0, prompt_tokens=4)
+    chunks = [streamer.opening()] + [c for s in steps_from([["a", "b"]]) for c in streamer.step(s)]
+    assert all(json.loads(c)["usage"] is None for c in chunks)
+
+
+def test_continuous_usage_on_completion_chunks_counts_each_new_token():
+    streamer = CompletionStreamer("id", "m", 1, want_logprobs=False, created=0, continuous_usage=True, prompt_tokens=3)
+    echo = json.loads(streamer.echo("hi"))
+    assert echo["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}
+    usages = [json.loads(c)["usage"] for s in steps_from([["a", "b", "c"]], prompt_tokens=3) for c in streamer.step(s)]
+    assert [u["completion_tokens"] for u in usages] == [1, 2, 3]
+    assert all(u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] == 3 + u["completion_tokens"] for u in usages)

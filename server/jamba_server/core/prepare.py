@@ -106,13 +106,22 @@ def chat_job(parts: ChatParts, renderers: Renderers, *, stream: bool, endpoint: 
     )
 
 
+def _usage_flags(body: ChatCompletionRequest | CompletionRequest) -> tuple[bool, bool]:
+    """(a closing usage chunk, usage on every chunk)."""
+    return body.stream_options.usage_flags() if body.stream_options else (False, False)
+
+
 def prepare_chat(body: ChatCompletionRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> GenerationJob:
     parts = chat_parts(body, engine, settings, chat_template)
     plan, n = parts.plan, parts.spec.n
     created = int(time.time())
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    include_usage, continuous_usage = _usage_flags(body)
+    prompt_tokens = len(parts.prompt.token_ids)
     renderers = Renderers(
-        streamer=lambda rid, model: ChatStreamer(rid, model, n, body.logprobs, created=created, parser=plan.parser),
+        streamer=lambda rid, model: ChatStreamer(
+            rid, model, n, body.logprobs, created=created, parser=plan.parser,
+            continuous_usage=continuous_usage, prompt_tokens=prompt_tokens,
+        ),  # fmt: skip
         accumulator=lambda rid, model: ChatAccumulator(rid, model, n, body.logprobs, plan.parser),
         opening=lambda streamer: [streamer.opening()],
         closing=lambda streamer: [streamer.usage_chunk()] if include_usage else [],
@@ -144,10 +153,13 @@ def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: S
         prompt = prompts.Prompt(text=engine.tokenizer.decode(body.prompt), token_ids=prompt.token_ids)
     want_logprobs = body.logprobs is not None
     echo_text = prompt.text if body.echo else ""
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    include_usage, continuous_usage = _usage_flags(body)
     created = int(time.time())
     renderers = Renderers(
-        streamer=lambda rid, model: CompletionStreamer(rid, model, spec.n, want_logprobs, created=created),
+        streamer=lambda rid, model: CompletionStreamer(
+            rid, model, spec.n, want_logprobs, created=created,
+            continuous_usage=continuous_usage, prompt_tokens=len(prompt.token_ids),
+        ),  # fmt: skip
         accumulator=lambda rid, model: CompletionAccumulator(rid, model, spec.n, want_logprobs, echo_text=echo_text),
         opening=lambda streamer: [streamer.echo(echo_text)] if echo_text else [],
         closing=lambda streamer: [streamer.usage_chunk()] if include_usage else [],

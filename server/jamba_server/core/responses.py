@@ -45,11 +45,14 @@ class _TextChunks:
     """JSON of the common stream chunk — one choice carrying only new text — without building
     models per token: the model's own serialization with the text spliced in (same bytes)."""
 
-    def __init__(self, render: Callable[[int, str], str]):
+    def __init__(self, render: Callable[[int, str], str], cache: bool = True):
         self._render = render
+        self._cache = cache  # off when chunks differ in more than their text (continuous usage)
         self._parts: dict[int, tuple[str, str]] = {}
 
     def __call__(self, index: int, text: str) -> str:
+        if not self._cache:
+            return self._render(index, text)
         parts = self._parts.get(index)
         if parts is None:
             template = self._render(index, _SLOT)
@@ -99,12 +102,12 @@ class _ChoiceState:
 
 
 class _Accumulator:
-    def __init__(self, request_id: str, model: str, n: int, want_logprobs: bool):
+    def __init__(self, request_id: str, model: str, n: int, want_logprobs: bool, prompt_tokens: int = 0):
         self.request_id = request_id
         self.model = model
         self.want_logprobs = want_logprobs
         self.choices = [_ChoiceState() for _ in range(n)]
-        self.prompt_tokens = 0
+        self.prompt_tokens = prompt_tokens
 
     def add(self, step: EngineStep) -> None:
         self.prompt_tokens = step.prompt_tokens
@@ -219,15 +222,23 @@ class ChatStreamer(ChatAccumulatorBase):
         want_logprobs: bool,
         created: int,
         parser: ParserConfig = ParserConfig(),
+        continuous_usage: bool = False,
+        prompt_tokens: int = 0,
     ):
+        """`continuous_usage`: every chunk carries the usage so far (vLLM's `continuous_usage_stats`)."""
         super().__init__(request_id, model, n, want_logprobs, parser)
         self.created = created
+        self.continuous_usage = continuous_usage
+        self.prompt_tokens = prompt_tokens
         self._pending_citations: list[list[Citation] | None] = [None] * n
         self._content_chunk = _TextChunks(
-            lambda i, text: self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=text))])
+            lambda i, text: self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=text))]),
+            cache=not continuous_usage,
         )
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        if usage is None and self.continuous_usage:
+            usage = self.usage()
         return ChatCompletionChunk(
             id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage
         ).model_dump_json()
@@ -365,13 +376,27 @@ class CompletionAccumulator(_Accumulator):
 
 
 class CompletionStreamer(_Accumulator):
-    def __init__(self, request_id: str, model: str, n: int, want_logprobs: bool, created: int):
-        super().__init__(request_id, model, n, want_logprobs)
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        n: int,
+        want_logprobs: bool,
+        created: int,
+        continuous_usage: bool = False,
+        prompt_tokens: int = 0,
+    ):
+        super().__init__(request_id, model, n, want_logprobs, prompt_tokens)
         self.created = created
+        self.continuous_usage = continuous_usage
         self._offsets = [0] * n
-        self._text_chunk = _TextChunks(lambda i, text: self._chunk([CompletionChoice(index=i, text=text)]))
+        self._text_chunk = _TextChunks(
+            lambda i, text: self._chunk([CompletionChoice(index=i, text=text)]), cache=not continuous_usage
+        )
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        if usage is None and self.continuous_usage:
+            usage = self.usage()
         return Completion(
             id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage
         ).model_dump_json()
