@@ -196,6 +196,10 @@ class StreamOptions(BaseModel):
         return self.include_usage, self.include_usage and self.continuous_usage_stats
 
 
+# vLLM's bounds on a cache salt (entrypoints/generate/base/protocol.py, `validate_cache_salt`).
+CACHE_SALT_MAX_LENGTH = 128
+CACHE_SALT_FORBIDDEN = frozenset("@/\\\x00")
+
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
@@ -231,6 +235,15 @@ class SamplingFields(BaseModel):
     return_token_ids: bool = Field(
         False, description="Add prompt_token_ids and per-choice token_ids (non-streaming only)."
     )
+    priority: int = Field(
+        0, ge=-(2**63), le=2**63 - 1,
+        description="vLLM extension: lower is served earlier; other than 0 needs a server run with "
+        "--scheduling-policy priority.",
+    )  # fmt: skip
+    cache_salt: str | None = Field(
+        None, min_length=1, max_length=CACHE_SALT_MAX_LENGTH,
+        description="vLLM extension: prefix-cache reuse only between requests with the same salt.",
+    )  # fmt: skip
 
     @field_validator("stop")
     @classmethod
@@ -238,6 +251,13 @@ class SamplingFields(BaseModel):
         items = [value] if isinstance(value, str) else (value or [])
         if any(item == "" for item in items):
             raise ValueError("stop sequences must be non-empty")
+        return value
+
+    @field_validator("cache_salt")
+    @classmethod
+    def _cache_salt_characters(cls, value: str | None) -> str | None:
+        if value is not None and not CACHE_SALT_FORBIDDEN.isdisjoint(value):
+            raise ValueError("cache_salt must not contain '@', '/', '\\' or NUL (as vLLM's)")
         return value
 
     @field_validator("logit_bias")

@@ -43,3 +43,21 @@ def test_continuous_usage_stats_on_completions(client):
         )
     )  # fmt: skip
     assert [c.usage is not None for c in plain] == [False] * (len(plain) - 1) + [True]
+
+
+def test_priority_on_an_fcfs_server_is_a_400_naming_it(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=2, extra_body={"priority": 1})
+    assert refused.value.body["param"] == "priority" and "scheduling-policy" in refused.value.body["message"]
+    zero = client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=2, extra_body={"priority": 0})
+    assert zero.choices[0].text is not None
+
+
+def test_cache_salt_is_accepted_and_bad_salts_are_400s(client, http):
+    body = {"model": MODEL_NAME, "prompt": "Hello there", "max_tokens": 3, "temperature": 0, "return_token_ids": True}
+    salted = http.post("/v1/completions", json={**body, "cache_salt": "tenant-a"})
+    plain = http.post("/v1/completions", json=body)
+    assert salted.status_code == 200 and salted.json()["choices"][0]["token_ids"] == plain.json()["choices"][0]["token_ids"]
+    for bad in ["", "a/b", "x" * 129]:
+        refused = http.post("/v1/completions", json={**body, "cache_salt": bad})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "cache_salt", refused.text

@@ -66,3 +66,25 @@ def test_completion_token_ids_outside_the_vocabulary(engine):
     with pytest.raises(InvalidRequestError) as info:
         prepare_completion(CompletionRequest(model="m", prompt=[1, 5000]), engine, SETTINGS)
     assert info.value.param == "prompt"
+
+
+def _completion(**fields):
+    return CompletionRequest.model_validate({"model": "m", "prompt": "hi", "max_tokens": 2, **fields})
+
+
+def test_priority_needs_a_priority_scheduling_server(engine):
+    with pytest.raises(InvalidRequestError) as refused:
+        prepare_completion(_completion(priority=3), engine, SETTINGS)
+    assert refused.value.param == "priority"
+    assert prepare_completion(_completion(priority=0), engine, SETTINGS).priority == 0
+    by_priority = Settings(model="m", scheduling_policy="priority")
+    assert prepare_completion(_completion(priority=-7), engine, by_priority).priority == -7
+    chat = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], "priority": 2})
+    assert prepare_chat(chat, engine, by_priority, TEMPLATE).priority == 2
+    with pytest.raises(InvalidRequestError, match="scheduling-policy"):
+        prepare_chat(chat, engine, SETTINGS, TEMPLATE)
+
+
+def test_cache_salt_rides_on_the_job(engine):
+    assert prepare_completion(_completion(cache_salt="tenant-a"), engine, SETTINGS).cache_salt == "tenant-a"
+    assert prepare_completion(_completion(), engine, SETTINGS).cache_salt is None

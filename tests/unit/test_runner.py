@@ -44,8 +44,9 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.shut_down = asyncio.Event()
 
-    async def generate(self, prompt_ids, spec, request_id, deadline=None):
+    async def generate(self, prompt_ids, spec, request_id, deadline=None, **options):
         self.log.append("generate")
+        self.options = options
         try:
             for item in self.script:
                 await asyncio.sleep(0)
@@ -304,3 +305,23 @@ def test_drain_refuses_new_work_waits_then_aborts_what_is_left():
     assert engine.aborted == ["shutdown"]
     assert engine.log == ["generate", "engine closed"]
     assert released(state)
+
+
+def test_runner_passes_priority_and_cache_salt_to_the_engine_and_admission():
+    async def scenario():
+        engine = FakeEngine([step("a", finished=True)])
+        state = make_state(engine)
+        acquired = []
+        acquire = state.admission.acquire
+
+        async def spy(tokens, sequences=1, priority=0):
+            acquired.append(priority)
+            return await acquire(tokens, sequences, priority)
+
+        state.admission.acquire = spy
+        request = EngineRequest("r1", [1, 2], SPEC, params=SPEC, deadline=None, observer=Metrics(), priority=-2, cache_salt="s")
+        await collect(Client().request(), state.runner, request, lambda s: None)
+        return engine, acquired
+
+    engine, acquired = asyncio.run(scenario())
+    assert engine.options == {"priority": -2, "cache_salt": "s"} and acquired == [-2]

@@ -20,7 +20,13 @@ from jamba_server.core.limits import check_chat_input_limits, check_chat_limits,
 from jamba_server.core.responses import ChatAccumulator, ChatStreamer, CompletionAccumulator, CompletionStreamer
 from jamba_server.core.sampling import SamplingSpec, sampling_spec
 from jamba_server.errors import InvalidRequestError
-from jamba_server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from jamba_server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingFields,
+    TokenizeRequest,
+)
 from jamba_server.settings import Settings
 
 
@@ -61,6 +67,8 @@ class GenerationJob:
     renderers: Renderers
     endpoint: str  # metric label: `chat`, `completions`, `messages`
     id_separator: str = "-"  # between prefix and random part (Anthropic's ids: `msg_...`)
+    priority: int = 0  # lower first, in our queue and the engine's (a priority-scheduling server)
+    cache_salt: str | None = None  # the engine's prefix cache is shared only between equal salts
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,18 @@ def chat_job(parts: ChatParts, renderers: Renderers, *, stream: bool, endpoint: 
     )
 
 
+def engine_request_options(body: SamplingFields, settings: Settings) -> dict[str, Any]:
+    """The engine request's own options (GenerationJob fields): `priority`, which only a server
+    scheduling by priority honours (elsewhere a non-zero one is a 400, as in vLLM), and `cache_salt`."""
+    if body.priority and settings.scheduling_policy != "priority":
+        raise InvalidRequestError(
+            "priority is only supported when the server runs with --scheduling-policy priority "
+            f"(this one schedules {settings.scheduling_policy})",
+            param="priority",
+        )
+    return {"priority": body.priority, "cache_salt": body.cache_salt}
+
+
 def _usage_flags(body: ChatCompletionRequest | CompletionRequest) -> tuple[bool, bool]:
     """(a closing usage chunk, usage on every chunk)."""
     return body.stream_options.usage_flags() if body.stream_options else (False, False)
@@ -127,8 +147,9 @@ def prepare_chat(body: ChatCompletionRequest, engine: EngineFacts, settings: Set
         closing=lambda streamer: [streamer.usage_chunk()] if include_usage else [],
     )
     return chat_job(
-        parts, renderers, stream=body.stream, endpoint="chat", include_usage=include_usage, return_token_ids=body.return_token_ids
-    )
+        parts, renderers, stream=body.stream, endpoint="chat", include_usage=include_usage,
+        return_token_ids=body.return_token_ids, **engine_request_options(body, settings),
+    )  # fmt: skip
 
 
 def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: Settings) -> GenerationJob:
@@ -176,6 +197,7 @@ def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: S
         return_token_ids=body.return_token_ids,
         renderers=renderers,
         endpoint="completions",
+        **engine_request_options(body, settings),
     )
 
 

@@ -94,7 +94,9 @@ async def run_job(request: Request, server: Server, job: GenerationJob) -> Any:
     metrics.prompt(len(prompt_ids))
     GENERATION_REQUESTS.labels(server.model_name, job.endpoint).inc()
     deadline = request_deadline(request, server.settings.request_timeout)
-    engine_request = EngineRequest(request_id, prompt_ids, job.spec, job.engine_params, deadline, metrics)
+    engine_request = EngineRequest(
+        request_id, prompt_ids, job.spec, job.engine_params, deadline, metrics, priority=job.priority, cache_salt=job.cache_salt
+    )
     if job.stream:
         streamer = job.renderers.streamer(request_id, server.model_name)
         events = EventSource(

@@ -40,6 +40,8 @@ class EngineRequest:
     params: Any  # the engine's parameters for `spec` (`Engine.engine_params`)
     deadline: float | None  # event-loop time
     observer: StepObserver
+    priority: int = 0  # lower first: orders admission's queue and the engine's
+    cache_salt: str | None = None
 
     @property
     def budget(self) -> int:
@@ -74,7 +76,7 @@ class Runner:
         """Wait for admission (up to the deadline: 504), then start the engine request."""
         try:
             async with asyncio.timeout_at(request.deadline):
-                ticket = await self.admission.acquire(request.budget, request.spec.n)
+                ticket = await self.admission.acquire(request.budget, request.spec.n, request.priority)
         except TimeoutError:
             ABORTED.labels("deadline").inc()
             raise RequestTimeoutError("The request timed out waiting for capacity.") from None
@@ -82,7 +84,10 @@ class Runner:
         return RunningRequest(self._observed(request), ticket)
 
     async def _observed(self, request: EngineRequest) -> AsyncIterator[EngineStep]:
-        steps = self.engine.generate(request.prompt_ids, request.params, request.request_id, request.deadline)
+        steps = self.engine.generate(
+            request.prompt_ids, request.params, request.request_id, request.deadline,
+            priority=request.priority, cache_salt=request.cache_salt,
+        )  # fmt: skip
         try:
             async for step in steps:
                 request.observer.step(step)

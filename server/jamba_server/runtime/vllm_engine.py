@@ -220,6 +220,9 @@ class EngineAdapter:
         params: SamplingParams,
         request_id: str,
         deadline: float | None = None,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[EngineStep]:
         """Stream the request's outputs; closing the iterator aborts the engine request.
 
@@ -229,14 +232,14 @@ class EngineAdapter:
         if not self.ready:
             raise ServiceUnavailableError("the engine is not available")
         want = params.logprobs
-        prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
+        prompt = engine_prompt(prompt_token_ids, cache_salt)
         loop = asyncio.get_running_loop()
         timer = None
         if deadline is not None:
             timer = loop.call_at(deadline, lambda: loop.create_task(self.abort(request_id, "deadline")))
         self._active[request_id] = None
         try:
-            async with aclosing(self.engine.generate(prompt, params, request_id)) as stream:
+            async with aclosing(self.engine.generate(prompt, params, request_id, priority=priority)) as stream:
                 async for output in stream:
                     # An abort can come before vLLM has registered the request (its first add_request
                     # asks the engine core for its tasks), and then vLLM drops it: our own mark ends it.
@@ -256,6 +259,14 @@ class EngineAdapter:
             if timer is not None:
                 timer.cancel()
             self._active.pop(request_id, None)
+
+
+def engine_prompt(prompt_token_ids: list[int], cache_salt: str | None = None) -> TokensPrompt:
+    """vLLM's prompt for token ids; a cache salt rides on it (vLLM hashes it into the first block)."""
+    prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
+    if cache_salt is not None:
+        prompt["cache_salt"] = cache_salt
+    return prompt
 
 
 def _control_char_tokens(tokenizer: Any) -> list[int]:
