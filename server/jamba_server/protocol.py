@@ -240,6 +240,9 @@ class SamplingFields(BaseModel):
         description="vLLM extension: lower is served earlier; other than 0 needs a server run with "
         "--scheduling-policy priority.",
     )  # fmt: skip
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=20, description="vLLM extension: log probabilities of the prompt's tokens, with this many top candidates."
+    )
     cache_salt: str | None = Field(
         None, min_length=1, max_length=CACHE_SALT_MAX_LENGTH,
         description="vLLM extension: prefix-cache reuse only between requests with the same salt.",
@@ -357,6 +360,18 @@ class TokenizeRequest(ChatFeatures):
 # ---------------------------------------------------------------- responses
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's `Logprob`, as its responses' `prompt_logprobs` carry it."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Per prompt token: None for the first, else token id → its log probability.
+PromptLogprobList = list[dict[int, PromptLogprob] | None]
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -424,6 +439,7 @@ class ChatCompletion(BaseModel):
     usage: Usage
     system_fingerprint: str | None = None
     prompt_token_ids: list[int] | None = None
+    prompt_logprobs: PromptLogprobList | None = None
 
 
 class _DeltaModel(BaseModel):
@@ -482,6 +498,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     token_ids: list[int] | None = None
+    prompt_logprobs: PromptLogprobList | None = None  # per choice, as vLLM's completions
 
 
 class Completion(BaseModel):

@@ -61,3 +61,30 @@ def test_cache_salt_is_accepted_and_bad_salts_are_400s(client, http):
     for bad in ["", "a/b", "x" * 129]:
         refused = http.post("/v1/completions", json={**body, "cache_salt": bad})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "cache_salt", refused.text
+
+
+def _check_prompt_logprobs(positions, prompt_ids, top):
+    assert len(positions) == len(prompt_ids) and positions[0] is None
+    for token_id, position in zip(prompt_ids[1:], positions[1:]):
+        assert str(token_id) in position and top <= len(position) <= top + 1  # the prompt's own token, and the top ones
+        assert sorted(v["rank"] for v in position.values())[:top] == list(range(1, top + 1))
+        assert all(v["logprob"] <= 0 and isinstance(v["decoded_token"], str) for v in position.values())
+
+
+def test_prompt_logprobs_on_completions_and_chat(client):
+    done = client.completions.create(
+        model=MODEL_NAME, prompt="Hello there, you dog", max_tokens=2, extra_body={"prompt_logprobs": 2, "return_token_ids": True}
+    )
+    _check_prompt_logprobs(done.choices[0].prompt_logprobs, done.prompt_token_ids, 2)
+    chat = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=2, extra_body={"prompt_logprobs": 1, "return_token_ids": True}
+    )
+    _check_prompt_logprobs(chat.prompt_logprobs, chat.prompt_token_ids, 1)
+    plain = client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=1)
+    assert getattr(plain.choices[0], "prompt_logprobs", None) is None
+
+
+def test_prompt_logprobs_with_stream_are_a_400(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=2, stream=True, extra_body={"prompt_logprobs": 1})
+    assert refused.value.body["param"] == "prompt_logprobs"

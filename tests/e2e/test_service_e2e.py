@@ -47,7 +47,7 @@ def test_openapi_matches_accepted_requests(http):
             "documents": [{"text": "doc", "title": "t"}], "response_format": {"type": "text"},
             "stop_token_ids": [5], "include_stop_str_in_output": False, "bad_words": ["zz"],
             "allowed_token_ids": list(range(16, 600)), "skip_special_tokens": True, "priority": 0,
-            "cache_salt": "tenant-a"}  # fmt: skip
+            "cache_salt": "tenant-a", "prompt_logprobs": 1}  # fmt: skip
     missing = set(ChatCompletionRequest.model_fields) - set(body) - {"stream_options"}
     assert not missing
     resp = http.post("/v1/chat/completions", json=body)

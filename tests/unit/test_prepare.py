@@ -88,3 +88,11 @@ def test_priority_needs_a_priority_scheduling_server(engine):
 def test_cache_salt_rides_on_the_job(engine):
     assert prepare_completion(_completion(cache_salt="tenant-a"), engine, SETTINGS).cache_salt == "tenant-a"
     assert prepare_completion(_completion(), engine, SETTINGS).cache_salt is None
+
+
+def test_prompt_logprobs_reach_the_spec_and_are_refused_with_stream(engine):
+    assert prepare_completion(_completion(prompt_logprobs=3), engine, SETTINGS).spec.prompt_logprobs == 3
+    with pytest.raises(InvalidRequestError) as refused:
+        prepare_completion(_completion(prompt_logprobs=1, stream=True), engine, SETTINGS)
+    assert refused.value.param == "prompt_logprobs"
+    assert prepare_completion(_completion(prompt_logprobs=0, stream=True), engine, SETTINGS).spec.prompt_logprobs == 0

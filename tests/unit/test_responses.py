@@ -2,7 +2,7 @@ import json
 
 from hypothesis import given, settings, strategies as st
 
-from jamba_server.core.outputs import ChoiceDelta, EngineStep, TokenLogprob
+from jamba_server.core.outputs import ChoiceDelta, EngineStep, PromptTokenLogprob, TokenLogprob
 from jamba_server.core.responses import (
     ChatAccumulator,
     ChatStreamer,
@@ -165,3 +165,29 @@ def test_continuous_usage_on_completion_chunks_counts_each_new_token():
     usages = [json.loads(c)["usage"] for s in steps_from([["a", "b", "c"]], prompt_tokens=3) for c in streamer.step(s)]
     assert [u["completion_tokens"] for u in usages] == [1, 2, 3]
     assert all(u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] == 3 + u["completion_tokens"] for u in usages)
+
+
+PROMPT_LOGPROBS = (
+    None,
+    (PromptTokenLogprob(7, -1.5, 3, " a"), PromptTokenLogprob(9, -0.5, 1, " b")),
+)
+
+
+def test_prompt_logprobs_in_vllms_shape_on_chat_and_on_each_completion_choice():
+    first = EngineStep((ChoiceDelta(0, "x", (100,), None, None), ChoiceDelta(1, "y", (101,), None, None)), 2, False, PROMPT_LOGPROBS)
+    last = EngineStep((ChoiceDelta(0, "", (102,), None, "stop"), ChoiceDelta(1, "", (103,), None, "stop")), 2, True)
+    expected = [None, {"7": {"logprob": -1.5, "rank": 3, "decoded_token": " a"}, "9": {"logprob": -0.5, "rank": 1, "decoded_token": " b"}}]
+    chat = ChatAccumulator("id", "m", 2, want_logprobs=False)
+    completion = CompletionAccumulator("id", "m", 2, want_logprobs=False)
+    for step in (first, last):  # a later step without them keeps the first's
+        chat.add(step)
+        completion.add(step)
+    assert json.loads(chat.build().model_dump_json())["prompt_logprobs"] == expected
+    assert [c["prompt_logprobs"] for c in json.loads(completion.build().model_dump_json())["choices"]] == [expected, expected]
+
+
+def test_no_prompt_logprobs_unless_asked():
+    acc = CompletionAccumulator("id", "m", 1, want_logprobs=False)
+    for step in steps_from([["a"]]):
+        acc.add(step)
+    assert acc.build().choices[0].prompt_logprobs is None

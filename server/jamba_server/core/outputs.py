@@ -13,6 +13,20 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True, slots=True)
+class PromptTokenLogprob:
+    """One candidate at a prompt position: the prompt's own token and the top ones (vLLM's `Logprob`)."""
+
+    token_id: int
+    logprob: float
+    rank: int | None
+    decoded_token: str | None
+
+
+# Per prompt position: None for the first token (nothing precedes it), else its candidates.
+PromptLogprobs = tuple[tuple[PromptTokenLogprob, ...] | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ChoiceDelta:
     """New output of one choice since the previous step."""
 
@@ -29,3 +43,4 @@ class EngineStep:
     choices: tuple[ChoiceDelta, ...]
     prompt_tokens: int
     finished: bool
+    prompt_logprobs: PromptLogprobs | None = None  # once, with the first step, when asked for

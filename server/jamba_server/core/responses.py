@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable
 
-from jamba_server.core.outputs import ChoiceDelta, EngineStep, TokenLogprob
+from jamba_server.core.outputs import ChoiceDelta, EngineStep, PromptLogprobs, TokenLogprob
 from jamba_server.core.parsing import (
     Citation,
     OutputParser,
@@ -29,6 +29,8 @@ from jamba_server.protocol import (
     DeltaFunctionCall,
     DeltaMessage,
     DeltaToolCall,
+    PromptLogprob,
+    PromptLogprobList,
     ResponseFunctionCall,
     ResponseMessage,
     ResponseToolCall,
@@ -83,6 +85,18 @@ def chat_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> Cho
     )
 
 
+def prompt_logprob_list(positions: PromptLogprobs | None) -> PromptLogprobList | None:
+    """vLLM's response shape: None for the first token, then token id → logprob, rank, decoded token."""
+    if positions is None:
+        return None
+    return [
+        None
+        if position is None
+        else {c.token_id: PromptLogprob(logprob=c.logprob, rank=c.rank, decoded_token=c.decoded_token) for c in position}
+        for position in positions
+    ]
+
+
 @dataclass
 class _ChoiceState:
     text: list[str] = field(default_factory=list)
@@ -108,9 +122,12 @@ class _Accumulator:
         self.want_logprobs = want_logprobs
         self.choices = [_ChoiceState() for _ in range(n)]
         self.prompt_tokens = prompt_tokens
+        self.prompt_logprobs: PromptLogprobs | None = None
 
     def add(self, step: EngineStep) -> None:
         self.prompt_tokens = step.prompt_tokens
+        if step.prompt_logprobs is not None:
+            self.prompt_logprobs = step.prompt_logprobs
         for delta in step.choices:
             self.choices[delta.index].add(delta)
 
@@ -208,6 +225,7 @@ class ChatAccumulator(ChatAccumulatorBase):
             choices=choices,
             usage=self.usage(),
             prompt_token_ids=prompt_token_ids,
+            prompt_logprobs=prompt_logprob_list(self.prompt_logprobs),
         )
 
 
@@ -355,6 +373,7 @@ class CompletionAccumulator(_Accumulator):
 
     def build(self, prompt_token_ids: list[int] | None = None) -> Completion:
         with_ids = prompt_token_ids is not None
+        prompt_logprobs = prompt_logprob_list(self.prompt_logprobs)
         return Completion(
             id=self.request_id,
             model=self.model,
@@ -367,6 +386,7 @@ class CompletionAccumulator(_Accumulator):
                     else None,
                     finish_reason=c.finish_reason,
                     token_ids=c.token_ids if with_ids else None,
+                    prompt_logprobs=prompt_logprobs,
                 )
                 for i, c in enumerate(self.choices)
             ],

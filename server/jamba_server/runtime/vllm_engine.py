@@ -26,7 +26,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
 
-from jamba_server.core.outputs import ChoiceDelta, EngineStep, TokenLogprob
+from jamba_server.core.outputs import ChoiceDelta, EngineStep, PromptLogprobs, PromptTokenLogprob, TokenLogprob
 from jamba_server.core.prompt import control_spellings
 from jamba_server.core.sampling import SamplingSpec
 from jamba_server.errors import (
@@ -161,6 +161,7 @@ class EngineAdapter:
             repetition_penalty=spec.repetition_penalty,
             logit_bias=logit_bias or None,
             logprobs=spec.logprobs,
+            prompt_logprobs=spec.prompt_logprobs,
             min_tokens=spec.min_tokens,
             ignore_eos=spec.ignore_eos,
             skip_special_tokens=not spec.keep_special_tokens,
@@ -250,6 +251,7 @@ class EngineAdapter:
                         choices=tuple(_choice_delta(o, want) for o in output.outputs),
                         prompt_tokens=len(output.prompt_token_ids or prompt_token_ids),
                         finished=output.finished,
+                        prompt_logprobs=_prompt_logprobs(output.prompt_logprobs),
                     )
         except (EngineDeadError, EngineGenerateError) as exc:
             raise ServiceUnavailableError(f"the engine failed: {exc}") from exc
@@ -293,6 +295,21 @@ def _choice_delta(output: Any, want_logprobs: int | None) -> ChoiceDelta:
         logprobs=logprobs,
         finish_reason=output.finish_reason,
         stop_sequence=output.stop_reason if isinstance(output.stop_reason, str) else None,
+    )
+
+
+def _prompt_logprobs(positions: Any) -> PromptLogprobs | None:
+    """vLLM's prompt logprobs (all at once in one delta output, else empty) as plain data."""
+    if not positions:
+        return None
+    return tuple(
+        None
+        if position is None
+        else tuple(
+            PromptTokenLogprob(token_id, _finite(lp.logprob), lp.rank, lp.decoded_token)
+            for token_id, lp in position.items()
+        )
+        for position in positions
     )
 
 
