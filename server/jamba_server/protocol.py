@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -320,18 +320,25 @@ class ChatCompletionRequest(SamplingFields, ChatFeatures):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] = Field(
-        description="A prompt string or a list of token ids (one prompt per request)."
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="A prompt string or a list of token ids; or a list of such prompts, each its own "
+        "n choices (prompt i's choice j has index i*n + j)."
     )
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _prompt_not_empty(cls, value: str | list[int]) -> str | list[int]:
+    def _prompt_not_empty(cls, value: str | list[Any]) -> str | list[Any]:
         if len(value) == 0:
             raise ValueError("prompt must not be empty")
         return value
+
+    def prompt_list(self) -> list[tuple[str, str | list[int]]]:
+        """(param, prompt) for each prompt: `prompt` for one, `prompt[i]` for each of a list."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [("prompt", self.prompt)]  # type: ignore[list-item]
+        return [(f"prompt[{i}]", item) for i, item in enumerate(self.prompt)]  # type: ignore[misc]
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -403,19 +410,26 @@ class ResponseToolCall(BaseModel):
     function: ResponseFunctionCall
 
 
-class ResponseMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None = None
-    tool_calls: list[ResponseToolCall] | None = None
-    citations: list[CitationRef] | None = None
+class _OmitsAbsentExtensions(BaseModel):
+    """Extension fields (`_EXTENSIONS`) are left out when unset, so plain OpenAI clients see OpenAI's shape."""
+
+    _EXTENSIONS: ClassVar[tuple[str, ...]] = ()
 
     @model_serializer(mode="wrap")
     def _omit_absent_extensions(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)
-        for key in ("tool_calls", "citations"):
+        for key in self._EXTENSIONS:
             if data.get(key) is None:
                 data.pop(key, None)
         return data
+
+
+class ResponseMessage(_OmitsAbsentExtensions):
+    _EXTENSIONS = ("tool_calls", "citations")
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
+    citations: list[CitationRef] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -492,13 +506,16 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(_OmitsAbsentExtensions):
+    _EXTENSIONS = ("prompt_logprobs", "prompt_token_ids")
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     token_ids: list[int] | None = None
-    prompt_logprobs: PromptLogprobList | None = None  # per choice, as vLLM's completions
+    # vLLM's per-choice extensions: its prompt's logprobs, and its prompt's ids (`return_token_ids`)
+    prompt_logprobs: PromptLogprobList | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 class Completion(BaseModel):

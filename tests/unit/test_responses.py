@@ -2,7 +2,7 @@ import json
 
 from hypothesis import given, settings, strategies as st
 
-from jamba_server.core.outputs import ChoiceDelta, EngineStep, PromptTokenLogprob, TokenLogprob
+from jamba_server.core.outputs import ChoiceDelta, EngineStep, PromptTokenLogprob, TokenLogprob, batch_step
 from jamba_server.core.responses import (
     ChatAccumulator,
     ChatStreamer,
@@ -191,3 +191,24 @@ def test_no_prompt_logprobs_unless_asked():
     for step in steps_from([["a"]]):
         acc.add(step)
     assert acc.build().choices[0].prompt_logprobs is None
+
+
+def test_batch_step_indexes_choices_as_openai_orders_them():
+    step = EngineStep((ChoiceDelta(1, "b", (5,)), ChoiceDelta(0, "a", (6,))), 3, True, PROMPT_LOGPROBS)
+    merged = batch_step(step, 2, 2, prompt_tokens=11, finished=False)
+    assert [c.index for c in merged.choices] == [5, 4] and [c.text for c in merged.choices] == ["b", "a"]
+    assert (merged.prompt_tokens, merged.finished, merged.prompt_index, merged.prompt_logprobs) == (11, False, 2, PROMPT_LOGPROBS)
+
+
+def test_multi_prompt_completion_choices_get_their_own_prompts_logprobs_and_echo():
+    acc = CompletionAccumulator("id", "m", 4, want_logprobs=False, echo_text=["A", "A", "B", "B"], prompts=[[1], [2, 3]])
+    acc.add(batch_step(EngineStep((ChoiceDelta(0, "x", (9,), None, "stop"),), 1, False, PROMPT_LOGPROBS), 1, 2, 3, False))
+    done = acc.build([1])
+    assert [c.text for c in done.choices] == ["A", "A", "Bx", "B"]
+    assert [c.prompt_logprobs is not None for c in done.choices] == [False, False, True, True]
+    assert [c.prompt_token_ids for c in done.choices] == [[1], [1], [2, 3], [2, 3]] and done.prompt_token_ids is None
+
+
+def test_streamed_echo_is_each_choices_own():
+    streamer = CompletionStreamer("id", "m", 2, want_logprobs=False, created=0)
+    assert [c["text"] for c in json.loads(streamer.echo(["A", "BB"]))["choices"]] == ["A", "BB"]

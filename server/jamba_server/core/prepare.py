@@ -19,7 +19,7 @@ from jamba_server.core.features import ChatPlan, plan_chat
 from jamba_server.core.limits import check_chat_input_limits, check_chat_limits, check_completion_limits
 from jamba_server.core.responses import ChatAccumulator, ChatStreamer, CompletionAccumulator, CompletionStreamer
 from jamba_server.core.sampling import SamplingSpec, sampling_spec
-from jamba_server.errors import InvalidRequestError
+from jamba_server.errors import ContextLengthExceededError, InvalidRequestError
 from jamba_server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -54,6 +54,15 @@ class Renderers:
 
 
 @dataclass(frozen=True)
+class PromptRun:
+    """One prompt's engine request: the prompt, its sampling spec and the engine's parameters."""
+
+    prompt: prompts.Prompt
+    spec: SamplingSpec
+    engine_params: Any
+
+
+@dataclass(frozen=True)
 class GenerationJob:
     id_prefix: str  # of the response id: `chatcmpl`, `cmpl`, `msg`
     prompt: prompts.Prompt
@@ -69,6 +78,12 @@ class GenerationJob:
     id_separator: str = "-"  # between prefix and random part (Anthropic's ids: `msg_...`)
     priority: int = 0  # lower first, in our queue and the engine's (a priority-scheduling server)
     cache_salt: str | None = None  # the engine's prefix cache is shared only between equal salts
+    # A multi-prompt completions request's other prompts, each its own engine request, run with the first.
+    more_prompts: tuple[PromptRun, ...] = ()
+
+    @property
+    def runs(self) -> tuple[PromptRun, ...]:
+        return (PromptRun(self.prompt, self.spec, self.engine_params), *self.more_prompts)
 
 
 @dataclass(frozen=True)
@@ -153,43 +168,38 @@ def prepare_chat(body: ChatCompletionRequest, engine: EngineFacts, settings: Set
 
 
 def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: Settings) -> GenerationJob:
-    """Limits → prompt (raw text, or token ids checked against the vocabulary) → sampling spec →
-    echo text (decoded only once the length is known to fit) → the engine's parameters."""
+    """Limits → each prompt's run (below) → renderers over all of them: a list of prompts is one
+    request whose prompt i's choice j has index i*n + j."""
     check_completion_limits(body, settings)
-    if isinstance(body.prompt, str):
-        prompt = prompts.encode_prompt(engine.tokenizer, body.prompt)
-    else:
-        bad = [t for t in body.prompt if not 0 <= t < engine.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary", param="prompt")
-        prompt = prompts.Prompt(text="", token_ids=list(body.prompt))
-    spec = sampling_spec(
-        body,
-        prompt_tokens=len(prompt.token_ids),
-        max_model_len=engine.max_model_len,
-        vocab_size=engine.vocab_size,
-        max_tokens_cap=settings.max_tokens_limit,
-    )
-    if body.echo and not isinstance(body.prompt, str):
-        prompt = prompts.Prompt(text=engine.tokenizer.decode(body.prompt), token_ids=prompt.token_ids)
+    items = body.prompt_list()
+    if len(items) * body.n > settings.max_n:
+        raise InvalidRequestError(
+            f"too many choices: {len(items)} prompts x n={body.n} (limit {settings.max_n})", param="prompt"
+        )
+    runs = [_completion_run(body, engine, settings, param, item) for param, item in items]
+    choices = body.n * len(runs)
     want_logprobs = body.logprobs is not None
-    echo_text = prompt.text if body.echo else ""
+    echo_texts = [run.prompt.text if body.echo else "" for run in runs for _ in range(body.n)]
+    prompt_ids = [run.prompt.token_ids for run in runs]
     include_usage, continuous_usage = _usage_flags(body)
     created = int(time.time())
     renderers = Renderers(
         streamer=lambda rid, model: CompletionStreamer(
-            rid, model, spec.n, want_logprobs, created=created,
-            continuous_usage=continuous_usage, prompt_tokens=len(prompt.token_ids),
+            rid, model, choices, want_logprobs, created=created,
+            continuous_usage=continuous_usage, prompt_tokens=sum(map(len, prompt_ids)),
         ),  # fmt: skip
-        accumulator=lambda rid, model: CompletionAccumulator(rid, model, spec.n, want_logprobs, echo_text=echo_text),
-        opening=lambda streamer: [streamer.echo(echo_text)] if echo_text else [],
+        accumulator=lambda rid, model: CompletionAccumulator(
+            rid, model, choices, want_logprobs, echo_text=echo_texts, prompts=prompt_ids
+        ),
+        opening=lambda streamer: [streamer.echo(echo_texts)] if any(echo_texts) else [],
         closing=lambda streamer: [streamer.usage_chunk()] if include_usage else [],
     )
+    first = runs[0]
     return GenerationJob(
         id_prefix="cmpl",
-        prompt=prompt,
-        spec=spec,
-        engine_params=engine.engine_params(spec),
+        prompt=first.prompt,
+        spec=first.spec,
+        engine_params=first.engine_params,
         features=(),
         json_mode=False,
         stream=body.stream,
@@ -197,8 +207,41 @@ def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: S
         return_token_ids=body.return_token_ids,
         renderers=renderers,
         endpoint="completions",
+        more_prompts=tuple(runs[1:]),
         **engine_request_options(body, settings),
     )
+
+
+def _completion_run(
+    body: CompletionRequest, engine: EngineFacts, settings: Settings, param: str, item: str | list[int]
+) -> PromptRun:
+    """One prompt (raw text, or token ids checked against the vocabulary) → its sampling spec (its
+    own room for max_tokens) → echo text (decoded only once the length is known to fit) → the
+    engine's parameters. Errors name the prompt (`prompt[i]` in a list)."""
+    if len(item) == 0:
+        raise InvalidRequestError("a prompt must not be empty", param=param)
+    if isinstance(item, str):
+        prompt = prompts.encode_prompt(engine.tokenizer, item)
+    else:
+        bad = [t for t in item if not 0 <= t < engine.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary", param=param)
+        prompt = prompts.Prompt(text="", token_ids=list(item))
+    try:
+        spec = sampling_spec(
+            body,
+            prompt_tokens=len(prompt.token_ids),
+            max_model_len=engine.max_model_len,
+            vocab_size=engine.vocab_size,
+            max_tokens_cap=settings.max_tokens_limit,
+        )
+    except ContextLengthExceededError as exc:
+        if param != "prompt" and exc.param == "messages":  # the prompt itself is too long: say which
+            exc.param = param
+        raise
+    if body.echo and not isinstance(item, str):
+        prompt = prompts.Prompt(text=engine.tokenizer.decode(item), token_ids=prompt.token_ids)
+    return PromptRun(prompt, spec, engine.engine_params(spec))
 
 
 def prepare_tokenize(body: TokenizeRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> prompts.Prompt:

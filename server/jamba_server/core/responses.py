@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 from jamba_server.core.outputs import ChoiceDelta, EngineStep, PromptLogprobs, TokenLogprob
 from jamba_server.core.parsing import (
@@ -122,12 +122,12 @@ class _Accumulator:
         self.want_logprobs = want_logprobs
         self.choices = [_ChoiceState() for _ in range(n)]
         self.prompt_tokens = prompt_tokens
-        self.prompt_logprobs: PromptLogprobs | None = None
+        self.prompt_logprobs: dict[int, PromptLogprobs] = {}  # by prompt (a completions request may have several)
 
     def add(self, step: EngineStep) -> None:
         self.prompt_tokens = step.prompt_tokens
         if step.prompt_logprobs is not None:
-            self.prompt_logprobs = step.prompt_logprobs
+            self.prompt_logprobs[step.prompt_index] = step.prompt_logprobs
         for delta in step.choices:
             self.choices[delta.index].add(delta)
 
@@ -225,7 +225,7 @@ class ChatAccumulator(ChatAccumulatorBase):
             choices=choices,
             usage=self.usage(),
             prompt_token_ids=prompt_token_ids,
-            prompt_logprobs=prompt_logprob_list(self.prompt_logprobs),
+            prompt_logprobs=prompt_logprob_list(self.prompt_logprobs.get(0)),
         )
 
 
@@ -364,34 +364,55 @@ def _completion_logprobs(entries: list[TokenLogprob], start_offset: int) -> Comp
     return result
 
 
-class CompletionAccumulator(_Accumulator):
-    """Collects steps into one legacy `text_completion` response."""
+def per_choice(texts: str | Sequence[str], choices: int) -> list[str]:
+    """One echo text for every choice, or each choice's own (a multi-prompt request's)."""
+    return [texts] * choices if isinstance(texts, str) else list(texts)
 
-    def __init__(self, request_id: str, model: str, n: int, want_logprobs: bool, echo_text: str = ""):
+
+class CompletionAccumulator(_Accumulator):
+    """Collects steps into one legacy `text_completion` response. A multi-prompt request's choices
+    are `n` per prompt, in prompt order; `prompts` holds each prompt's token ids."""
+
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        n: int,
+        want_logprobs: bool,
+        echo_text: str | Sequence[str] = "",
+        prompts: Sequence[list[int]] = (),
+    ):
         super().__init__(request_id, model, n, want_logprobs)
-        self.echo_text = echo_text
+        self.echo_texts = per_choice(echo_text, n)
+        self.prompts = list(prompts)
+        self.n_per_prompt = n // max(1, len(self.prompts))
 
     def build(self, prompt_token_ids: list[int] | None = None) -> Completion:
+        """`prompt_token_ids` given (`return_token_ids`): token ids go into the response, each
+        choice's prompt's on the choice (vLLM's shape) and, for one prompt, on the response too."""
         with_ids = prompt_token_ids is not None
-        prompt_logprobs = prompt_logprob_list(self.prompt_logprobs)
+        choices = []
+        for i, c in enumerate(self.choices):
+            prompt_index = i // self.n_per_prompt
+            echo = self.echo_texts[i]
+            choices.append(
+                CompletionChoice(
+                    index=i,
+                    text=echo + "".join(c.text),
+                    logprobs=_completion_logprobs(c.logprobs, len(echo)) if self.want_logprobs else None,
+                    finish_reason=c.finish_reason,
+                    token_ids=c.token_ids if with_ids else None,
+                    prompt_logprobs=prompt_logprob_list(self.prompt_logprobs.get(prompt_index)),
+                    prompt_token_ids=self.prompts[prompt_index] if with_ids and self.prompts else None,
+                )
+            )
+        single = len(self.prompts) <= 1
         return Completion(
             id=self.request_id,
             model=self.model,
-            choices=[
-                CompletionChoice(
-                    index=i,
-                    text=self.echo_text + "".join(c.text),
-                    logprobs=_completion_logprobs(c.logprobs, len(self.echo_text))
-                    if self.want_logprobs
-                    else None,
-                    finish_reason=c.finish_reason,
-                    token_ids=c.token_ids if with_ids else None,
-                    prompt_logprobs=prompt_logprobs,
-                )
-                for i, c in enumerate(self.choices)
-            ],
+            choices=choices,
             usage=self.usage(),
-            prompt_token_ids=prompt_token_ids,
+            prompt_token_ids=prompt_token_ids if single else None,
         )
 
 
@@ -421,9 +442,11 @@ class CompletionStreamer(_Accumulator):
             id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage
         ).model_dump_json()
 
-    def echo(self, text: str) -> str:
-        self._offsets = [len(text)] * len(self._offsets)
-        return self._chunk([CompletionChoice(index=i, text=text) for i in range(len(self.choices))])
+    def echo(self, text: str | Sequence[str]) -> str:
+        """The prompt(s) echoed: one text for every choice, or each choice's own."""
+        texts = per_choice(text, len(self.choices))
+        self._offsets = [len(t) for t in texts]
+        return self._chunk([CompletionChoice(index=i, text=t) for i, t in enumerate(texts)])
 
     def step(self, step: EngineStep) -> list[str]:
         """The step's chunk (all its choices in one), serialized."""
