@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -187,7 +187,18 @@ class ResponseFormat(BaseModel):
 class StreamOptions(BaseModel):
     model_config = _STRICT
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(
+        False, description="vLLM extension: with include_usage, every chunk carries the usage so far."
+    )
 
+    def usage_flags(self) -> tuple[bool, bool]:
+        """(a final usage chunk, usage on every chunk): continuous usage needs include_usage, as in vLLM."""
+        return self.include_usage, self.include_usage and self.continuous_usage_stats
+
+
+# vLLM's bounds on a cache salt (entrypoints/generate/base/protocol.py, `validate_cache_salt`).
+CACHE_SALT_MAX_LENGTH = 128
+CACHE_SALT_FORBIDDEN = frozenset("@/\\\x00")
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -239,6 +250,18 @@ class SamplingFields(BaseModel):
         description="With truncate_prompt_tokens: `left` (the default) cuts the oldest text first and keeps a "
         "text's end; `right` cuts the newest text first and keeps a text's beginning.",
     )
+    priority: int = Field(
+        0, ge=-(2**63), le=2**63 - 1,
+        description="vLLM extension: lower is served earlier; other than 0 needs a server run with "
+        "--scheduling-policy priority.",
+    )  # fmt: skip
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=20, description="vLLM extension: log probabilities of the prompt's tokens, with this many top candidates."
+    )
+    cache_salt: str | None = Field(
+        None, min_length=1, max_length=CACHE_SALT_MAX_LENGTH,
+        description="vLLM extension: prefix-cache reuse only between requests with the same salt.",
+    )  # fmt: skip
 
     @field_validator("stop")
     @classmethod
@@ -246,6 +269,13 @@ class SamplingFields(BaseModel):
         items = [value] if isinstance(value, str) else (value or [])
         if any(item == "" for item in items):
             raise ValueError("stop sequences must be non-empty")
+        return value
+
+    @field_validator("cache_salt")
+    @classmethod
+    def _cache_salt_characters(cls, value: str | None) -> str | None:
+        if value is not None and not CACHE_SALT_FORBIDDEN.isdisjoint(value):
+            raise ValueError("cache_salt must not contain '@', '/', '\\' or NUL (as vLLM's)")
         return value
 
     @field_validator("logit_bias")
@@ -324,18 +354,25 @@ class ChatCompletionRequest(SamplingFields, ChatFeatures):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] = Field(
-        description="A prompt string or a list of token ids (one prompt per request)."
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="A prompt string or a list of token ids; or a list of such prompts, each its own "
+        "n choices (prompt i's choice j has index i*n + j)."
     )
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _prompt_not_empty(cls, value: str | list[int]) -> str | list[int]:
+    def _prompt_not_empty(cls, value: str | list[Any]) -> str | list[Any]:
         if len(value) == 0:
             raise ValueError("prompt must not be empty")
         return value
+
+    def prompt_list(self) -> list[tuple[str, str | list[int]]]:
+        """(param, prompt) for each prompt: `prompt` for one, `prompt[i]` for each of a list."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [("prompt", self.prompt)]  # type: ignore[list-item]
+        return [(f"prompt[{i}]", item) for i, item in enumerate(self.prompt)]  # type: ignore[misc]
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -384,6 +421,16 @@ class PromptTruncation(BaseModel):
     documents_truncated: list[int] | None = Field(
         None, exclude_if=_absent, description="Chat: documents whose text was shortened."
     )
+class PromptLogprob(BaseModel):
+    """vLLM's `Logprob`, as its responses' `prompt_logprobs` carry it."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Per prompt token: None for the first, else token id → its log probability.
+PromptLogprobList = list[dict[int, PromptLogprob] | None]
 
 
 class Usage(BaseModel):
@@ -417,19 +464,26 @@ class ResponseToolCall(BaseModel):
     function: ResponseFunctionCall
 
 
-class ResponseMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None = None
-    tool_calls: list[ResponseToolCall] | None = None
-    citations: list[CitationRef] | None = None
+class _OmitsAbsentExtensions(BaseModel):
+    """Extension fields (`_EXTENSIONS`) are left out when unset, so plain OpenAI clients see OpenAI's shape."""
+
+    _EXTENSIONS: ClassVar[tuple[str, ...]] = ()
 
     @model_serializer(mode="wrap")
     def _omit_absent_extensions(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)
-        for key in ("tool_calls", "citations"):
+        for key in self._EXTENSIONS:
             if data.get(key) is None:
                 data.pop(key, None)
         return data
+
+
+class ResponseMessage(_OmitsAbsentExtensions):
+    _EXTENSIONS = ("tool_calls", "citations")
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
+    citations: list[CitationRef] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -454,6 +508,7 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
     prompt_token_ids: list[int] | None = None
     prompt_truncation: PromptTruncation | None = Field(None, exclude_if=_absent)
+    prompt_logprobs: PromptLogprobList | None = None
 
 
 class _DeltaModel(BaseModel):
@@ -507,12 +562,16 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(_OmitsAbsentExtensions):
+    _EXTENSIONS = ("prompt_logprobs", "prompt_token_ids")
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     token_ids: list[int] | None = None
+    # vLLM's per-choice extensions: its prompt's logprobs, and its prompt's ids (`return_token_ids`)
+    prompt_logprobs: PromptLogprobList | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 class Completion(BaseModel):

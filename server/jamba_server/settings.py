@@ -47,6 +47,8 @@ class Settings(BaseModel):
     trust_remote_code: bool = False
     enable_prefix_caching: bool | None = None
     seed: int | None = None
+    # `priority`: requests' `priority` field orders the engine's queue and ours (lower first).
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     engine_args: dict[str, Any] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
 
@@ -124,6 +126,7 @@ class Settings(BaseModel):
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "enforce_eager": self.enforce_eager,
             "trust_remote_code": self.trust_remote_code,
+            "scheduling_policy": self.scheduling_policy,
         }
         optional = {
             "tokenizer": self.tokenizer,
@@ -170,6 +173,7 @@ _SCALAR_FIELDS: dict[str, Any] = {
     "trust_remote_code": bool,
     "enable_prefix_caching": bool,
     "seed": int,
+    "scheduling_policy": str,
     "host": str,
     "port": int,
     "chat_template": str,
@@ -281,6 +285,7 @@ _FLAG_HELP: dict[str, tuple[str, str]] = {
     "trust_remote_code": ("engine", "allow the model's own Hugging Face code"),
     "enable_prefix_caching": ("engine", "prefix caching"),
     "seed": ("engine", "engine seed"),
+    "scheduling_policy": ("engine", "fcfs, or priority: requests' `priority` orders the queue (lower first)"),
     "host": ("server", "listen address"),
     "port": ("server", "listen port"),
     "chat_template": ("server", "Jinja chat template file"),

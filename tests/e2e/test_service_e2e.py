@@ -46,7 +46,8 @@ def test_openapi_matches_accepted_requests(http):
             "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
             "documents": [{"text": "doc", "title": "t"}], "response_format": {"type": "text"},
             "stop_token_ids": [5], "include_stop_str_in_output": False, "bad_words": ["zz"],
-            "allowed_token_ids": list(range(16, 600)), "skip_special_tokens": True,
+            "allowed_token_ids": list(range(16, 600)), "skip_special_tokens": True, "priority": 0,
+            "cache_salt": "tenant-a", "prompt_logprobs": 1,
             "echo": True, "add_generation_prompt": True, "continue_final_message": False,
             "truncate_prompt_tokens": 2000, "truncation_side": "left"}  # fmt: skip
     missing = set(ChatCompletionRequest.model_fields) - set(body) - {"stream_options"}

@@ -134,3 +134,62 @@ def test_choices_count_as_sequences_and_a_cancelled_head_wakes_the_next():
         assert (ctl.running, ctl.running_sequences) == (0, 0)
 
     asyncio.run(scenario())
+
+
+def test_queue_admits_by_priority_then_arrival():
+    async def scenario():
+        ctl = AdmissionController(max_running=1, max_queued=10, max_tokens=None, retry_after=1)
+        first = await ctl.acquire(1)
+        order = []
+
+        async def wait(name, priority):
+            ticket = await ctl.acquire(1, priority=priority)
+            order.append(name)
+            return ticket
+
+        tasks = [asyncio.ensure_future(wait(name, p)) for name, p in [("late", 5), ("a", 0), ("urgent", -3), ("b", 0)]]
+        await asyncio.sleep(0)
+        assert ctl.queued == 4
+        ticket = first
+        for _ in tasks:
+            ctl.release(ticket)
+            await asyncio.sleep(0)
+            ticket = next(t.result() for t in tasks if t.done() and not t.result().released)
+        assert order == ["urgent", "a", "b", "late"]
+
+    run(scenario())
+
+
+def test_a_more_urgent_request_that_fits_goes_ahead_of_a_blocked_head():
+    async def scenario():
+        ctl = AdmissionController(max_running=10, max_queued=10, max_tokens=100, retry_after=1)
+        running = await ctl.acquire(60)
+        big = asyncio.ensure_future(ctl.acquire(50))  # does not fit beside `running`
+        await asyncio.sleep(0)
+        small = await asyncio.wait_for(ctl.acquire(30, priority=-1), 1)  # fits, and outranks the head
+        assert not big.done() and ctl.running_tokens == 90
+        same_rank = asyncio.ensure_future(ctl.acquire(5))  # fits, but queues behind the head (FIFO)
+        await asyncio.sleep(0)
+        assert not same_rank.done()
+        ctl.release(running)
+        ctl.release(small)
+        await asyncio.sleep(0)
+        assert big.done() and same_rank.done()
+
+    run(scenario())
+
+
+def test_cancelled_waiter_leaves_the_priority_queue():
+    async def scenario():
+        ctl = AdmissionController(max_running=1, max_queued=10, max_tokens=None, retry_after=1)
+        first = await ctl.acquire(1)
+        urgent = asyncio.ensure_future(ctl.acquire(1, priority=-1))
+        normal = asyncio.ensure_future(ctl.acquire(1))
+        await asyncio.sleep(0)
+        urgent.cancel()
+        await asyncio.sleep(0)
+        ctl.release(first)
+        await asyncio.sleep(0)
+        assert normal.done() and ctl.queued == 0 and ctl.running == 1
+
+    run(scenario())

@@ -66,3 +66,63 @@ def test_completion_token_ids_outside_the_vocabulary(engine):
     with pytest.raises(InvalidRequestError) as info:
         prepare_completion(CompletionRequest(model="m", prompt=[1, 5000]), engine, SETTINGS)
     assert info.value.param == "prompt"
+
+
+def _completion(**fields):
+    return CompletionRequest.model_validate({"model": "m", "prompt": "hi", "max_tokens": 2, **fields})
+
+
+def test_priority_needs_a_priority_scheduling_server(engine):
+    with pytest.raises(InvalidRequestError) as refused:
+        prepare_completion(_completion(priority=3), engine, SETTINGS)
+    assert refused.value.param == "priority"
+    assert prepare_completion(_completion(priority=0), engine, SETTINGS).priority == 0
+    by_priority = Settings(model="m", scheduling_policy="priority")
+    assert prepare_completion(_completion(priority=-7), engine, by_priority).priority == -7
+    chat = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], "priority": 2})
+    assert prepare_chat(chat, engine, by_priority, TEMPLATE).priority == 2
+    with pytest.raises(InvalidRequestError, match="scheduling-policy"):
+        prepare_chat(chat, engine, SETTINGS, TEMPLATE)
+
+
+def test_cache_salt_rides_on_the_job(engine):
+    assert prepare_completion(_completion(cache_salt="tenant-a"), engine, SETTINGS).cache_salt == "tenant-a"
+    assert prepare_completion(_completion(), engine, SETTINGS).cache_salt is None
+
+
+def test_prompt_logprobs_reach_the_spec_and_are_refused_with_stream(engine):
+    assert prepare_completion(_completion(prompt_logprobs=3), engine, SETTINGS).spec.prompt_logprobs == 3
+    with pytest.raises(InvalidRequestError) as refused:
+        prepare_completion(_completion(prompt_logprobs=1, stream=True), engine, SETTINGS)
+    assert refused.value.param == "prompt_logprobs"
+    assert prepare_completion(_completion(prompt_logprobs=0, stream=True), engine, SETTINGS).spec.prompt_logprobs == 0
+
+
+def test_a_list_of_prompts_is_one_run_each_with_its_own_room(engine):
+    body = CompletionRequest.model_validate({"model": "m", "prompt": [[20, 21, 22], [30]], "n": 2, "echo": True})
+    job = prepare_completion(body, engine, SETTINGS)
+    assert [r.prompt.token_ids for r in job.runs] == [[20, 21, 22], [30]]
+    assert [r.spec.max_tokens for r in job.runs] == [64, 64]  # the cap; each prompt's room is checked apart
+    texts = [engine.tokenizer.decode([20, 21, 22]), engine.tokenizer.decode([30])]
+    built = job.renderers.accumulator("cmpl-1", "m").build([0])
+    assert [c.text for c in built.choices] == [texts[0], texts[0], texts[1], texts[1]]
+    assert [c.prompt_token_ids for c in built.choices] == [[20, 21, 22]] * 2 + [[30]] * 2 and built.prompt_token_ids is None
+    strings = prepare_completion(CompletionRequest.model_validate({"model": "m", "prompt": ["hi", "you"]}), engine, SETTINGS)
+    assert len(strings.runs) == 2 and strings.runs[1].prompt.text == "you"
+
+
+@pytest.mark.parametrize(
+    "prompt, param",
+    [(["ok", ""], "prompt[1]"), ([[1, 2], [10**7]], "prompt[1]"), ([[3], []], "prompt[1]"), (["x " * 2000, "ok"], "prompt[0]")],
+)
+def test_each_prompt_of_a_list_is_checked_naming_it(engine, prompt, param):
+    with pytest.raises(InvalidRequestError) as refused:
+        prepare_completion(CompletionRequest.model_validate({"model": "m", "prompt": prompt, "max_tokens": 2}), engine, SETTINGS)
+    assert refused.value.param == param
+
+
+def test_prompts_times_n_is_bounded_by_max_n(engine):
+    body = CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b", "c"], "n": 6, "max_tokens": 2})
+    with pytest.raises(InvalidRequestError, match="3 prompts x n=6") as refused:
+        prepare_completion(body, engine, Settings(model="m", max_n=16))
+    assert refused.value.param == "prompt"

@@ -144,3 +144,29 @@ def test_logit_bias_keys_are_ascii_decimal_token_ids(key):
 
 def test_logit_bias_decimal_keys_accepted():
     assert chat(logit_bias={"0": -1, "50256": 1, "007": 2}).logit_bias == {"0": -1, "50256": 1, "007": 2}
+
+
+@pytest.mark.parametrize(
+    "options, flags",
+    [
+        ({"include_usage": True, "continuous_usage_stats": True}, (True, True)),
+        ({"continuous_usage_stats": True}, (False, False)),  # as in vLLM: needs include_usage
+        ({"include_usage": True}, (True, False)),
+    ],
+)
+def test_stream_usage_flags(options, flags):
+    assert chat(stream=True, stream_options=options).stream_options.usage_flags() == flags
+
+
+@pytest.mark.parametrize("salt", ["", "x" * 129, "a/b", "a@b", "a\\b", "a\x00b", 5])
+def test_bad_cache_salts_are_refused_naming_the_field(salt):
+    with pytest.raises(ValidationError) as info:
+        chat(cache_salt=salt)
+    assert info.value.errors()[0]["loc"][0] == "cache_salt"
+
+
+def test_cache_salt_and_priority_accepted():
+    req = chat(cache_salt="t" * 128, priority=-(2**63))
+    assert req.cache_salt == "t" * 128 and req.priority == -(2**63)
+    with pytest.raises(ValidationError):
+        chat(priority=2**63)

@@ -2,7 +2,7 @@ import json
 
 from hypothesis import given, settings, strategies as st
 
-from jamba_server.core.outputs import ChoiceDelta, EngineStep, TokenLogprob
+from jamba_server.core.outputs import ChoiceDelta, EngineStep, PromptTokenLogprob, TokenLogprob, batch_step
 from jamba_server.core.responses import (
     ChatAccumulator,
     ChatStreamer,
@@ -139,3 +139,76 @@ def test_a_model_named_like_the_text_slot_still_streams_its_text():
     [chunk] = chat.step(EngineStep((ChoiceDelta(0, "hi", (1,), None, None),), 1, False))
     parsed = ChatCompletionChunk.model_validate_json(chunk)
     assert parsed.model == "__text_slot__" and parsed.choices[0].delta.content == "hi"
+
+
+def test_continuous_usage_puts_the_usage_so_far_on_every_chat_chunk():
+    streamer = ChatStreamer("id", "m", 2, want_logprobs=False, created=0, continuous_usage=True, prompt_tokens=4)
+    opening = json.loads(streamer.opening())
+    assert opening["usage"] == {"prompt_tokens": 4, "completion_tokens": 0, "total_tokens": 4}
+    seen = []
+    for step in steps_from([["a", "b", "c"], ["x"]]):
+        seen += [json.loads(c)["usage"]["completion_tokens"] for c in streamer.step(step)]
+    assert seen == [2, 2, 3, 4]  # both choices' first tokens, then one more per step
+    assert json.loads(streamer.usage_chunk())["usage"]["total_tokens"] == 8
+
+
+def test_without_continuous_usage_chunks_carry_no_usage():
+    streamer = ChatStreamer("id", "m", 1, want_logprobs=False, created=0, prompt_tokens=4)
+    chunks = [streamer.opening()] + [c for s in steps_from([["a", "b"]]) for c in streamer.step(s)]
+    assert all(json.loads(c)["usage"] is None for c in chunks)
+
+
+def test_continuous_usage_on_completion_chunks_counts_each_new_token():
+    streamer = CompletionStreamer("id", "m", 1, want_logprobs=False, created=0, continuous_usage=True, prompt_tokens=3)
+    echo = json.loads(streamer.echo("hi"))
+    assert echo["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}
+    usages = [json.loads(c)["usage"] for s in steps_from([["a", "b", "c"]], prompt_tokens=3) for c in streamer.step(s)]
+    assert [u["completion_tokens"] for u in usages] == [1, 2, 3]
+    assert all(u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] == 3 + u["completion_tokens"] for u in usages)
+
+
+PROMPT_LOGPROBS = (
+    None,
+    (PromptTokenLogprob(7, -1.5, 3, " a"), PromptTokenLogprob(9, -0.5, 1, " b")),
+)
+
+
+def test_prompt_logprobs_in_vllms_shape_on_chat_and_on_each_completion_choice():
+    first = EngineStep((ChoiceDelta(0, "x", (100,), None, None), ChoiceDelta(1, "y", (101,), None, None)), 2, False, PROMPT_LOGPROBS)
+    last = EngineStep((ChoiceDelta(0, "", (102,), None, "stop"), ChoiceDelta(1, "", (103,), None, "stop")), 2, True)
+    expected = [None, {"7": {"logprob": -1.5, "rank": 3, "decoded_token": " a"}, "9": {"logprob": -0.5, "rank": 1, "decoded_token": " b"}}]
+    chat = ChatAccumulator("id", "m", 2, want_logprobs=False)
+    completion = CompletionAccumulator("id", "m", 2, want_logprobs=False)
+    for step in (first, last):  # a later step without them keeps the first's
+        chat.add(step)
+        completion.add(step)
+    assert json.loads(chat.build().model_dump_json())["prompt_logprobs"] == expected
+    assert [c["prompt_logprobs"] for c in json.loads(completion.build().model_dump_json())["choices"]] == [expected, expected]
+
+
+def test_no_prompt_logprobs_unless_asked():
+    acc = CompletionAccumulator("id", "m", 1, want_logprobs=False)
+    for step in steps_from([["a"]]):
+        acc.add(step)
+    assert acc.build().choices[0].prompt_logprobs is None
+
+
+def test_batch_step_indexes_choices_as_openai_orders_them():
+    step = EngineStep((ChoiceDelta(1, "b", (5,)), ChoiceDelta(0, "a", (6,))), 3, True, PROMPT_LOGPROBS)
+    merged = batch_step(step, 2, 2, prompt_tokens=11, finished=False)
+    assert [c.index for c in merged.choices] == [5, 4] and [c.text for c in merged.choices] == ["b", "a"]
+    assert (merged.prompt_tokens, merged.finished, merged.prompt_index, merged.prompt_logprobs) == (11, False, 2, PROMPT_LOGPROBS)
+
+
+def test_multi_prompt_completion_choices_get_their_own_prompts_logprobs_and_echo():
+    acc = CompletionAccumulator("id", "m", 4, want_logprobs=False, echo_text=["A", "A", "B", "B"], prompts=[[1], [2, 3]])
+    acc.add(batch_step(EngineStep((ChoiceDelta(0, "x", (9,), None, "stop"),), 1, False, PROMPT_LOGPROBS), 1, 2, 3, False))
+    done = acc.build([1])
+    assert [c.text for c in done.choices] == ["A", "A", "Bx", "B"]
+    assert [c.prompt_logprobs is not None for c in done.choices] == [False, False, True, True]
+    assert [c.prompt_token_ids for c in done.choices] == [[1], [1], [2, 3], [2, 3]] and done.prompt_token_ids is None
+
+
+def test_streamed_echo_is_each_choices_own():
+    streamer = CompletionStreamer("id", "m", 2, want_logprobs=False, created=0)
+    assert [c["text"] for c in json.loads(streamer.echo(["A", "BB"]))["choices"]] == ["A", "BB"]

@@ -44,8 +44,9 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.shut_down = asyncio.Event()
 
-    async def generate(self, prompt_ids, spec, request_id, deadline=None):
+    async def generate(self, prompt_ids, spec, request_id, deadline=None, **options):
         self.log.append("generate")
+        self.options = options
         try:
             for item in self.script:
                 await asyncio.sleep(0)
@@ -303,4 +304,86 @@ def test_drain_refuses_new_work_waits_then_aborts_what_is_left():
     engine, state = asyncio.run(scenario())
     assert engine.aborted == ["shutdown"]
     assert engine.log == ["generate", "engine closed"]
+    assert released(state)
+
+
+def test_runner_passes_priority_and_cache_salt_to_the_engine_and_admission():
+    async def scenario():
+        engine = FakeEngine([step("a", finished=True)])
+        state = make_state(engine)
+        acquired = []
+        acquire = state.admission.acquire
+
+        async def spy(tokens, sequences=1, priority=0):
+            acquired.append(priority)
+            return await acquire(tokens, sequences, priority)
+
+        state.admission.acquire = spy
+        request = EngineRequest("r1", [1, 2], SPEC, params=SPEC, deadline=None, observer=Metrics(), priority=-2, cache_salt="s")
+        await collect(Client().request(), state.runner, request, lambda s: None)
+        return engine, acquired
+
+    engine, acquired = asyncio.run(scenario())
+    assert engine.options == {"priority": -2, "cache_salt": "s"} and acquired == [-2]
+
+
+# ---- multi-prompt requests: one engine request per prompt, one ticket, merged steps
+
+
+class PromptEngine(FakeEngine):
+    """Each prompt's request yields two steps of its n=2 choices (text "<prompt id>:<choice>"); a
+    prompt [0] fails after its first step, a prompt [5] never ends by itself."""
+
+    async def generate(self, prompt_ids, spec, request_id, deadline=None, **options):
+        self.log.append(f"generate {request_id}")
+        try:
+            for last in (False, True):
+                await asyncio.sleep(0)
+                if prompt_ids == [0] and last:
+                    raise ServiceUnavailableError("engine died")
+                if prompt_ids == [5] and last:
+                    await asyncio.Event().wait()
+                yield EngineStep(
+                    tuple(ChoiceDelta(j, f"{prompt_ids[0]}:{j}", (1,), finish_reason="stop" if last else None) for j in range(2)),
+                    prompt_tokens=len(prompt_ids),
+                    finished=last,
+                )
+        finally:
+            self.log.append(f"closed {request_id}")
+
+
+def multi_request(*prompts: list[int]) -> EngineRequest:
+    spec = SimpleNamespace(max_tokens=4, n=2)
+    parts = [EngineRequest(f"r-{i}", p, spec, params=spec, deadline=None, observer=Metrics()) for i, p in enumerate(prompts)]
+    return EngineRequest(**{**parts[0].__dict__, "more": tuple(parts[1:])})
+
+
+def test_multi_prompt_steps_merge_with_openai_indexes_on_one_ticket():
+    async def scenario():
+        engine = PromptEngine([])
+        state = make_state(engine)
+        seen: list[EngineStep] = []
+        request = multi_request([7], [8, 8], [9, 9, 9])
+        assert (request.budget, request.sequences) == (6 + 3 * 8, 6)
+        await collect(Client().request(), state.runner, request, seen.append)
+        return engine, state, seen
+
+    engine, state, seen = asyncio.run(scenario())
+    texts = {c.index: c.text for s in seen for c in s.choices if c.finish_reason is None}
+    assert texts == {0: "7:0", 1: "7:1", 2: "8:0", 3: "8:1", 4: "9:0", 5: "9:1"}
+    assert {s.prompt_tokens for s in seen} == {6} and [s.finished for s in seen].count(True) == 1 and seen[-1].finished
+    assert sorted(e for e in engine.log if e.startswith("closed")) == ["closed r-0", "closed r-1", "closed r-2"]
+    assert released(state)
+
+
+def test_a_failing_prompt_ends_the_whole_request():
+    async def scenario():
+        engine = PromptEngine([])
+        state = make_state(engine)
+        with pytest.raises(ServiceUnavailableError):
+            await asyncio.wait_for(collect(Client().request(), state.runner, multi_request([7], [0], [5]), lambda s: None), 5)
+        return engine, state
+
+    engine, state = asyncio.run(scenario())
+    assert sorted(e for e in engine.log if e.startswith("closed")) == ["closed r-0", "closed r-1", "closed r-2"]
     assert released(state)

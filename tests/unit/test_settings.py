@@ -265,3 +265,12 @@ def test_model_ids_and_directories_pass(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(SettingsError, match="is a file"):
         load_settings(["--model", str(tmp_path / "weights.bin")], environ={})
+
+
+def test_scheduling_policy_reaches_the_engine_from_flag_and_env():
+    assert settings_for("dev-cpu.yaml").engine_kwargs()["scheduling_policy"] == "fcfs"
+    assert settings_for("dev-cpu.yaml", "--scheduling-policy", "priority").engine_kwargs()["scheduling_policy"] == "priority"
+    from_env = load_settings(["--config", str(CONFIGS / "dev-cpu.yaml")], {"JAMBA_SCHEDULING_POLICY": "priority"})
+    assert from_env.scheduling_policy == "priority"
+    with pytest.raises(SettingsError, match="scheduling_policy"):
+        settings_for("dev-cpu.yaml", "--scheduling-policy", "lifo")

@@ -385,3 +385,13 @@ def test_responses_truncation_auto_cuts_to_leave_room_for_the_answer(engine):
     assert refused.value.param == "max_output_tokens"
     error = responses_api.in_responses_terms(InvalidRequestError("x", param="truncate_prompt_tokens"), ["input"])
     assert error.param == "truncation"
+
+
+def test_a_list_of_prompts_is_cut_prompt_by_prompt_and_reported_summed(engine):
+    long, short = list(range(20, 620)), list(range(20, 120))
+    body = CompletionRequest(model="m", prompt=[long, short], max_tokens=12, truncate_prompt_tokens=-1, echo=True)
+    job = prepare_completion(body, engine, Settings(model="m"))
+    assert job.prompt.token_ids == long[-500:] and job.more_prompts[0].prompt.token_ids == short
+    built = job.renderers.accumulator("cmpl-1", "m").build().model_dump(mode="json")
+    assert built["prompt_truncation"] == {"side": "left", "limit": 500, "prompt_tokens_before": 700, "tokens_removed": 100}
+    assert [c["text"] for c in built["choices"]] == [engine.tokenizer.decode(long[-500:]), engine.tokenizer.decode(short)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -10,6 +10,20 @@ class TokenLogprob:
     token: str
     logprob: float
     top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PromptTokenLogprob:
+    """One candidate at a prompt position: the prompt's own token and the top ones (vLLM's `Logprob`)."""
+
+    token_id: int
+    logprob: float
+    rank: int | None
+    decoded_token: str | None
+
+
+# Per prompt position: None for the first token (nothing precedes it), else its candidates.
+PromptLogprobs = tuple[tuple[PromptTokenLogprob, ...] | None, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,3 +43,13 @@ class EngineStep:
     choices: tuple[ChoiceDelta, ...]
     prompt_tokens: int
     finished: bool
+    prompt_logprobs: PromptLogprobs | None = None  # once, with the first step, when asked for
+    prompt_index: int = 0  # which prompt of a multi-prompt request the step is of
+
+
+def batch_step(step: EngineStep, prompt_index: int, n: int, prompt_tokens: int, finished: bool) -> EngineStep:
+    """A step of one prompt of a multi-prompt request, as the request's own: that prompt's choice j
+    is the request's choice `prompt_index * n + j` (OpenAI's order), `prompt_tokens` all prompts'
+    and `finished` whether every prompt's choices are done."""
+    choices = tuple(replace(c, index=prompt_index * n + c.index) for c in step.choices)
+    return replace(step, choices=choices, prompt_tokens=prompt_tokens, finished=finished, prompt_index=prompt_index)

@@ -20,7 +20,7 @@ from jamba_server.core.limits import check_chat_input_limits, check_chat_limits,
 from jamba_server.core.responses import ChatAccumulator, ChatStreamer, CompletionAccumulator, CompletionStreamer
 from jamba_server.core.sampling import SamplingSpec, sampling_spec
 from jamba_server.core.truncation import DEFAULT_SIDE, Truncation, prompt_budget, truncate_chat, truncate_ids
-from jamba_server.errors import InvalidRequestError
+from jamba_server.errors import ContextLengthExceededError, InvalidRequestError
 from jamba_server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -56,6 +56,16 @@ class Renderers:
 
 
 @dataclass(frozen=True)
+class PromptRun:
+    """One prompt's engine request: the prompt, its sampling spec and the engine's parameters."""
+
+    prompt: prompts.Prompt
+    spec: SamplingSpec
+    engine_params: Any
+    truncation: Truncation | None = None  # when the request set truncate_prompt_tokens
+
+
+@dataclass(frozen=True)
 class GenerationJob:
     id_prefix: str  # of the response id: `chatcmpl`, `cmpl`, `msg`
     prompt: prompts.Prompt
@@ -69,6 +79,14 @@ class GenerationJob:
     renderers: Renderers
     endpoint: str  # metric label: `chat`, `completions`, `messages`
     id_separator: str = "-"  # between prefix and random part (Anthropic's ids: `msg_...`)
+    priority: int = 0  # lower first, in our queue and the engine's (a priority-scheduling server)
+    cache_salt: str | None = None  # the engine's prefix cache is shared only between equal salts
+    # A multi-prompt completions request's other prompts, each its own engine request, run with the first.
+    more_prompts: tuple[PromptRun, ...] = ()
+
+    @property
+    def runs(self) -> tuple[PromptRun, ...]:
+        return (PromptRun(self.prompt, self.spec, self.engine_params), *self.more_prompts)
 
 
 @dataclass(frozen=True)
@@ -177,17 +195,39 @@ def chat_job(parts: ChatParts, renderers: Renderers, *, stream: bool, endpoint: 
     )
 
 
+def engine_request_options(body: SamplingFields, settings: Settings) -> dict[str, Any]:
+    """The engine request's own options (GenerationJob fields): `priority`, which only a server
+    scheduling by priority honours (elsewhere a non-zero one is a 400, as in vLLM), and `cache_salt`."""
+    if body.priority and settings.scheduling_policy != "priority":
+        raise InvalidRequestError(
+            "priority is only supported when the server runs with --scheduling-policy priority "
+            f"(this one schedules {settings.scheduling_policy})",
+            param="priority",
+        )
+    return {"priority": body.priority, "cache_salt": body.cache_salt}
+
+
+def _usage_flags(body: ChatCompletionRequest | CompletionRequest) -> tuple[bool, bool]:
+    """(a closing usage chunk, usage on every chunk)."""
+    return body.stream_options.usage_flags() if body.stream_options else (False, False)
+
+
 def prepare_chat(body: ChatCompletionRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> GenerationJob:
     parts = chat_parts(body, engine, settings, chat_template)
     plan, n = parts.plan, parts.spec.n
     created = int(time.time())
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    include_usage, continuous_usage = _usage_flags(body)
+    prompt_tokens = len(parts.prompt.token_ids)
     echo = echo_text(body)
     truncated = truncation_report(parts.truncation, chat=True)
     renderers = Renderers(
         streamer=lambda rid, model: _reporting(
-            ChatStreamer(rid, model, n, body.logprobs, created=created, parser=plan.parser), truncated
-        ),
+            ChatStreamer(
+                rid, model, n, body.logprobs, created=created, parser=plan.parser,
+                continuous_usage=continuous_usage, prompt_tokens=prompt_tokens,
+            ),
+            truncated,
+        ),  # fmt: skip
         accumulator=lambda rid, model: _reporting(
             ChatAccumulator(rid, model, n, body.logprobs, plan.parser, echo_text=echo), truncated
         ),
@@ -195,8 +235,9 @@ def prepare_chat(body: ChatCompletionRequest, engine: EngineFacts, settings: Set
         closing=lambda streamer: [streamer.usage_chunk()] if include_usage else [],
     )
     return chat_job(
-        parts, renderers, stream=body.stream, endpoint="chat", include_usage=include_usage, return_token_ids=body.return_token_ids
-    )
+        parts, renderers, stream=body.stream, endpoint="chat", include_usage=include_usage,
+        return_token_ids=body.return_token_ids, **engine_request_options(body, settings),
+    )  # fmt: skip
 
 
 def echo_text(body: ChatCompletionRequest) -> str:
@@ -207,56 +248,42 @@ def echo_text(body: ChatCompletionRequest) -> str:
 
 
 def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: Settings) -> GenerationJob:
-    """Limits → prompt (raw text, or token ids checked against the vocabulary) → sampling spec →
-    echo text (decoded only once the length is known to fit) → the engine's parameters."""
+    """Limits → each prompt's run (below) → renderers over all of them: a list of prompts is one
+    request whose prompt i's choice j has index i*n + j."""
     check_completion_limits(body, settings)
-    if isinstance(body.prompt, str):
-        prompt = prompts.encode_prompt(engine.tokenizer, body.prompt)
-    else:
-        bad = [t for t in body.prompt if not 0 <= t < engine.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary", param="prompt")
-        prompt = prompts.Prompt(text="", token_ids=list(body.prompt))
-    truncation = None
-    limit = _budget(body, engine, settings, "max_tokens")
-    if limit is not None:
-        side = body.truncation_side or DEFAULT_SIDE
-        ids = prompt.token_ids
-        # A text prompt keeps the BOS the tokenizer put first; a list of ids is the client's to the last.
-        bos = getattr(engine.tokenizer, "bos_token_id", None)
-        keep_first = 1 if isinstance(body.prompt, str) and ids and bos is not None and ids[0] == bos else 0
-        kept = truncate_ids(ids, limit, side, keep_first)
-        truncation = Truncation(side, limit, len(ids), len(kept))
-        if len(kept) < len(ids):
-            text = engine.tokenizer.decode(kept[keep_first:]) if isinstance(body.prompt, str) else ""
-            prompt = prompts.Prompt(text=text, token_ids=kept)
-    spec = sampling_spec(
-        body,
-        prompt_tokens=len(prompt.token_ids),
-        max_model_len=engine.max_model_len,
-        vocab_size=engine.vocab_size,
-        max_tokens_cap=settings.max_tokens_limit,
-    )
-    if body.echo and not isinstance(body.prompt, str):
-        prompt = prompts.Prompt(text=engine.tokenizer.decode(prompt.token_ids), token_ids=prompt.token_ids)
+    items = body.prompt_list()
+    if len(items) * body.n > settings.max_n:
+        raise InvalidRequestError(
+            f"too many choices: {len(items)} prompts x n={body.n} (limit {settings.max_n})", param="prompt"
+        )
+    runs = [_completion_run(body, engine, settings, param, item) for param, item in items]
+    choices = body.n * len(runs)
     want_logprobs = body.logprobs is not None
-    echo_text = prompt.text if body.echo else ""
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    echo_texts = [run.prompt.text if body.echo else "" for run in runs for _ in range(body.n)]
+    prompt_ids = [run.prompt.token_ids for run in runs]
+    include_usage, continuous_usage = _usage_flags(body)
     created = int(time.time())
-    truncated = truncation_report(truncation, chat=False)
+    truncated = truncation_report(_summed([run.truncation for run in runs]), chat=False)
     renderers = Renderers(
-        streamer=lambda rid, model: _reporting(CompletionStreamer(rid, model, spec.n, want_logprobs, created=created), truncated),
+        streamer=lambda rid, model: _reporting(
+            CompletionStreamer(
+                rid, model, choices, want_logprobs, created=created,
+                continuous_usage=continuous_usage, prompt_tokens=sum(map(len, prompt_ids)),
+            ),
+            truncated,
+        ),  # fmt: skip
         accumulator=lambda rid, model: _reporting(
-            CompletionAccumulator(rid, model, spec.n, want_logprobs, echo_text=echo_text), truncated
+            CompletionAccumulator(rid, model, choices, want_logprobs, echo_text=echo_texts, prompts=prompt_ids), truncated
         ),
-        opening=lambda streamer: [streamer.echo(echo_text)] if echo_text else [],
+        opening=lambda streamer: [streamer.echo(echo_texts)] if any(echo_texts) else [],
         closing=lambda streamer: [streamer.usage_chunk()] if include_usage else [],
     )
+    first = runs[0]
     return GenerationJob(
         id_prefix="cmpl",
-        prompt=prompt,
-        spec=spec,
-        engine_params=engine.engine_params(spec),
+        prompt=first.prompt,
+        spec=first.spec,
+        engine_params=first.engine_params,
         features=(),
         json_mode=False,
         stream=body.stream,
@@ -264,7 +291,69 @@ def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: S
         return_token_ids=body.return_token_ids,
         renderers=renderers,
         endpoint="completions",
+        more_prompts=tuple(runs[1:]),
+        **engine_request_options(body, settings),
     )
+
+
+def _completion_run(
+    body: CompletionRequest, engine: EngineFacts, settings: Settings, param: str, item: str | list[int]
+) -> PromptRun:
+    """One prompt (raw text, or token ids checked against the vocabulary) → its sampling spec (its
+    own room for max_tokens) → echo text (decoded only once the length is known to fit) → the
+    engine's parameters. Errors name the prompt (`prompt[i]` in a list)."""
+    if len(item) == 0:
+        raise InvalidRequestError("a prompt must not be empty", param=param)
+    if isinstance(item, str):
+        prompt = prompts.encode_prompt(engine.tokenizer, item)
+    else:
+        bad = [t for t in item if not 0 <= t < engine.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary", param=param)
+        prompt = prompts.Prompt(text="", token_ids=list(item))
+    prompt, truncation = _truncated_completion(body, engine, settings, item, prompt)
+    try:
+        spec = sampling_spec(
+            body,
+            prompt_tokens=len(prompt.token_ids),
+            max_model_len=engine.max_model_len,
+            vocab_size=engine.vocab_size,
+            max_tokens_cap=settings.max_tokens_limit,
+        )
+    except ContextLengthExceededError as exc:
+        if param != "prompt" and exc.param == "messages":  # the prompt itself is too long: say which
+            exc.param = param
+        raise
+    if body.echo and not isinstance(item, str):
+        prompt = prompts.Prompt(text=engine.tokenizer.decode(prompt.token_ids), token_ids=prompt.token_ids)
+    return PromptRun(prompt, spec, engine.engine_params(spec), truncation)
+
+
+def _truncated_completion(
+    body: CompletionRequest, engine: EngineFacts, settings: Settings, item: str | list[int], prompt: prompts.Prompt
+) -> tuple[prompts.Prompt, Truncation | None]:
+    """The prompt cut to the request's budget (when it truncates): a text prompt keeps the BOS the
+    tokenizer put first; a list of ids is the client's to the last."""
+    limit = _budget(body, engine, settings, "max_tokens")
+    if limit is None:
+        return prompt, None
+    side = body.truncation_side or DEFAULT_SIDE
+    ids = prompt.token_ids
+    bos = getattr(engine.tokenizer, "bos_token_id", None)
+    keep_first = 1 if isinstance(item, str) and ids and bos is not None and ids[0] == bos else 0
+    kept = truncate_ids(ids, limit, side, keep_first)
+    if len(kept) < len(ids):
+        text = engine.tokenizer.decode(kept[keep_first:]) if isinstance(item, str) else ""
+        prompt = prompts.Prompt(text=text, token_ids=kept)
+    return prompt, Truncation(side, limit, len(ids), len(kept))
+
+
+def _summed(cuts: list[Truncation | None]) -> Truncation | None:
+    """One report for a request's prompts: the budget, and the tokens before and kept over all."""
+    if not cuts or cuts[0] is None:
+        return None
+    first = cuts[0]
+    return replace(first, prompt_tokens_before=sum(c.prompt_tokens_before for c in cuts), prompt_tokens=sum(c.prompt_tokens for c in cuts))
 
 
 def prepare_tokenize(body: TokenizeRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> prompts.Prompt:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
-from jamba_server.core.outputs import ChoiceDelta, EngineStep, TokenLogprob
+from jamba_server.core.outputs import ChoiceDelta, EngineStep, PromptLogprobs, TokenLogprob
 from jamba_server.core.parsing import (
     Citation,
     OutputParser,
@@ -30,6 +30,8 @@ from jamba_server.protocol import (
     DeltaMessage,
     DeltaToolCall,
     PromptTruncation,
+    PromptLogprob,
+    PromptLogprobList,
     ResponseFunctionCall,
     ResponseMessage,
     ResponseToolCall,
@@ -46,11 +48,14 @@ class _TextChunks:
     """JSON of the common stream chunk — one choice carrying only new text — without building
     models per token: the model's own serialization with the text spliced in (same bytes)."""
 
-    def __init__(self, render: Callable[[int, str], str]):
+    def __init__(self, render: Callable[[int, str], str], cache: bool = True):
         self._render = render
+        self._cache = cache  # off when chunks differ in more than their text (continuous usage)
         self._parts: dict[int, tuple[str, str]] = {}
 
     def __call__(self, index: int, text: str) -> str:
+        if not self._cache:
+            return self._render(index, text)
         parts = self._parts.get(index)
         if parts is None:
             template = self._render(index, _SLOT)
@@ -81,6 +86,18 @@ def chat_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> Cho
     )
 
 
+def prompt_logprob_list(positions: PromptLogprobs | None) -> PromptLogprobList | None:
+    """vLLM's response shape: None for the first token, then token id → logprob, rank, decoded token."""
+    if positions is None:
+        return None
+    return [
+        None
+        if position is None
+        else {c.token_id: PromptLogprob(logprob=c.logprob, rank=c.rank, decoded_token=c.decoded_token) for c in position}
+        for position in positions
+    ]
+
+
 @dataclass
 class _ChoiceState:
     text: list[str] = field(default_factory=list)
@@ -102,15 +119,18 @@ class _ChoiceState:
 class _Accumulator:
     prompt_truncation: PromptTruncation | None = None  # set by the job when the request truncates
 
-    def __init__(self, request_id: str, model: str, n: int, want_logprobs: bool):
+    def __init__(self, request_id: str, model: str, n: int, want_logprobs: bool, prompt_tokens: int = 0):
         self.request_id = request_id
         self.model = model
         self.want_logprobs = want_logprobs
         self.choices = [_ChoiceState() for _ in range(n)]
-        self.prompt_tokens = 0
+        self.prompt_tokens = prompt_tokens
+        self.prompt_logprobs: dict[int, PromptLogprobs] = {}  # by prompt (a completions request may have several)
 
     def add(self, step: EngineStep) -> None:
         self.prompt_tokens = step.prompt_tokens
+        if step.prompt_logprobs is not None:
+            self.prompt_logprobs[step.prompt_index] = step.prompt_logprobs
         for delta in step.choices:
             self.choices[delta.index].add(delta)
 
@@ -224,6 +244,7 @@ class ChatAccumulator(ChatAccumulatorBase):
             usage=self.usage(),
             prompt_token_ids=prompt_token_ids,
             prompt_truncation=self.prompt_truncation,
+            prompt_logprobs=prompt_logprob_list(self.prompt_logprobs.get(0)),
         )
 
 
@@ -238,31 +259,36 @@ class ChatStreamer(ChatAccumulatorBase):
         want_logprobs: bool,
         created: int,
         parser: ParserConfig = ParserConfig(),
+        continuous_usage: bool = False,
+        prompt_tokens: int = 0,
     ):
+        """`continuous_usage`: every chunk carries the usage so far (vLLM's `continuous_usage_stats`)."""
         super().__init__(request_id, model, n, want_logprobs, parser)
         self.created = created
+        self.continuous_usage = continuous_usage
+        self.prompt_tokens = prompt_tokens
         self._pending_citations: list[list[Citation] | None] = [None] * n
         self._content_chunk = _TextChunks(
-            lambda i, text: self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=text))])
+            lambda i, text: self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=text))]),
+            cache=not continuous_usage,
         )
 
-    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-        return ChatCompletionChunk(
-            id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage
-        ).model_dump_json()
-
-    def opening(self) -> str:
-        """The first chunk: each choice's role, and what truncation cut (`prompt_truncation`)."""
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None, opening: bool = False) -> str:
+        if usage is None and self.continuous_usage:
+            usage = self.usage()
         return ChatCompletionChunk(
             id=self.request_id,
             created=self.created,
             model=self.model,
-            choices=[
-                ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-                for i in range(len(self.choices))
-            ],
-            prompt_truncation=self.prompt_truncation,
+            choices=choices,
+            usage=usage,
+            prompt_truncation=self.prompt_truncation if opening else None,
         ).model_dump_json()
+
+    def opening(self) -> str:
+        """The first chunk: each choice's role, and what truncation cut (`prompt_truncation`)."""
+        roles = [ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(len(self.choices))]
+        return self._chunk(roles, opening=True)
 
     def echo(self, text: str) -> list[str]:
         """Chat `echo`: the echoed text as each choice's first content chunk (after the role's), as
@@ -364,46 +390,83 @@ def _completion_logprobs(entries: list[TokenLogprob], start_offset: int) -> Comp
     return result
 
 
-class CompletionAccumulator(_Accumulator):
-    """Collects steps into one legacy `text_completion` response."""
+def per_choice(texts: str | Sequence[str], choices: int) -> list[str]:
+    """One echo text for every choice, or each choice's own (a multi-prompt request's)."""
+    return [texts] * choices if isinstance(texts, str) else list(texts)
 
-    def __init__(self, request_id: str, model: str, n: int, want_logprobs: bool, echo_text: str = ""):
+
+class CompletionAccumulator(_Accumulator):
+    """Collects steps into one legacy `text_completion` response. A multi-prompt request's choices
+    are `n` per prompt, in prompt order; `prompts` holds each prompt's token ids."""
+
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        n: int,
+        want_logprobs: bool,
+        echo_text: str | Sequence[str] = "",
+        prompts: Sequence[list[int]] = (),
+    ):
         super().__init__(request_id, model, n, want_logprobs)
-        self.echo_text = echo_text
+        self.echo_texts = per_choice(echo_text, n)
+        self.prompts = list(prompts)
+        self.n_per_prompt = n // max(1, len(self.prompts))
 
     def build(self, prompt_token_ids: list[int] | None = None) -> Completion:
+        """`prompt_token_ids` given (`return_token_ids`): token ids go into the response, each
+        choice's prompt's on the choice (vLLM's shape) and, for one prompt, on the response too."""
         with_ids = prompt_token_ids is not None
+        choices = []
+        for i, c in enumerate(self.choices):
+            prompt_index = i // self.n_per_prompt
+            echo = self.echo_texts[i]
+            choices.append(
+                CompletionChoice(
+                    index=i,
+                    text=echo + "".join(c.text),
+                    logprobs=_completion_logprobs(c.logprobs, len(echo)) if self.want_logprobs else None,
+                    finish_reason=c.finish_reason,
+                    token_ids=c.token_ids if with_ids else None,
+                    prompt_logprobs=prompt_logprob_list(self.prompt_logprobs.get(prompt_index)),
+                    prompt_token_ids=self.prompts[prompt_index] if with_ids and self.prompts else None,
+                )
+            )
+        single = len(self.prompts) <= 1
         return Completion(
             id=self.request_id,
             model=self.model,
-            choices=[
-                CompletionChoice(
-                    index=i,
-                    text=self.echo_text + "".join(c.text),
-                    logprobs=_completion_logprobs(c.logprobs, len(self.echo_text))
-                    if self.want_logprobs
-                    else None,
-                    finish_reason=c.finish_reason,
-                    token_ids=c.token_ids if with_ids else None,
-                )
-                for i, c in enumerate(self.choices)
-            ],
+            choices=choices,
             usage=self.usage(),
-            prompt_token_ids=prompt_token_ids,
+            prompt_token_ids=prompt_token_ids if single else None,
             prompt_truncation=self.prompt_truncation,
         )
 
 
 class CompletionStreamer(_Accumulator):
-    def __init__(self, request_id: str, model: str, n: int, want_logprobs: bool, created: int):
-        super().__init__(request_id, model, n, want_logprobs)
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        n: int,
+        want_logprobs: bool,
+        created: int,
+        continuous_usage: bool = False,
+        prompt_tokens: int = 0,
+    ):
+        super().__init__(request_id, model, n, want_logprobs, prompt_tokens)
         self.created = created
+        self.continuous_usage = continuous_usage
         self._offsets = [0] * n
         self._first = True  # the first chunk carries `prompt_truncation`
-        self._text_chunk = _TextChunks(lambda i, text: self._chunk([CompletionChoice(index=i, text=text)], first=False))
+        self._text_chunk = _TextChunks(
+            lambda i, text: self._chunk([CompletionChoice(index=i, text=text)], first=False), cache=not continuous_usage
+        )
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None, first: bool | None = None) -> str:
         first, self._first = (self._first if first is None else first), False
+        if usage is None and self.continuous_usage:
+            usage = self.usage()
         return Completion(
             id=self.request_id,
             created=self.created,
@@ -413,9 +476,11 @@ class CompletionStreamer(_Accumulator):
             prompt_truncation=self.prompt_truncation if first else None,
         ).model_dump_json()
 
-    def echo(self, text: str) -> str:
-        self._offsets = [len(text)] * len(self._offsets)
-        return self._chunk([CompletionChoice(index=i, text=text) for i in range(len(self.choices))])
+    def echo(self, text: str | Sequence[str]) -> str:
+        """The prompt(s) echoed: one text for every choice, or each choice's own."""
+        texts = per_choice(text, len(self.choices))
+        self._offsets = [len(t) for t in texts]
+        return self._chunk([CompletionChoice(index=i, text=t) for i, t in enumerate(texts)])
 
     def step(self, step: EngineStep) -> list[str]:
         """The step's chunk (all its choices in one), serialized."""

@@ -38,6 +38,7 @@ class SamplingSpec:
     include_stop_str_in_output: bool = False
     bad_words: tuple[str, ...] = ()
     allowed_token_ids: tuple[int, ...] | None = None
+    prompt_logprobs: int | None = None  # top candidates per prompt token (non-streaming)
 
 
 def resolve_max_tokens(
@@ -112,6 +113,8 @@ def sampling_spec(
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
     else:
         logprobs = request.logprobs
+    if request.prompt_logprobs and request.stream:  # as vLLM: 0 is allowed, and streams nothing
+        raise InvalidRequestError("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
     if request.min_tokens and request.requested_max_tokens() is not None:
         if request.min_tokens > request.requested_max_tokens():
             raise InvalidRequestError("min_tokens must not exceed max_tokens", param="min_tokens")
@@ -141,4 +144,5 @@ def sampling_spec(
         include_stop_str_in_output=request.include_stop_str_in_output,
         bad_words=tuple(request.bad_words or ()),
         allowed_token_ids=_token_ids(request.allowed_token_ids, vocab_size, "allowed_token_ids") or None,
+        prompt_logprobs=request.prompt_logprobs,
     )

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import uuid
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, AsyncIterator, Callable
 
@@ -84,17 +84,31 @@ def request_timeout_s(request: Request, request_timeout: float | None) -> float 
     return timeout
 
 
+def job_engine_request(job: GenerationJob, request_id: str, deadline: float | None, observer: Any) -> EngineRequest:
+    """The job's engine request; a multi-prompt job's prompts are `{request_id}-{i}`, as vLLM names them."""
+    runs = job.runs
+    parts = [
+        EngineRequest(
+            request_id if len(runs) == 1 else f"{request_id}-{i}", run.prompt.token_ids, run.spec, run.engine_params,
+            deadline, observer, priority=job.priority, cache_salt=job.cache_salt,
+        )  # fmt: skip
+        for i, run in enumerate(runs)
+    ]
+    return replace(parts[0], more=tuple(parts[1:]))
+
+
 async def run_job(request: Request, server: Server, job: GenerationJob) -> Any:
     request_id = f"{job.id_prefix}{job.id_separator}{uuid.uuid4().hex}"
     prompt_ids = job.prompt.token_ids
-    note(request, engine_request_id=request_id, prompt_tokens=len(prompt_ids), stream=job.stream)
+    prompt_tokens = sum(len(run.prompt.token_ids) for run in job.runs)
+    note(request, engine_request_id=request_id, prompt_tokens=prompt_tokens, stream=job.stream)
     metrics = GenerationMetrics(
         server.model_name, request_info(request.scope)["arrived"], job.features + (("stream",) if job.stream else ())
     )
-    metrics.prompt(len(prompt_ids))
+    metrics.prompt(prompt_tokens)
     GENERATION_REQUESTS.labels(server.model_name, job.endpoint).inc()
     deadline = request_deadline(request, server.settings.request_timeout)
-    engine_request = EngineRequest(request_id, prompt_ids, job.spec, job.engine_params, deadline, metrics)
+    engine_request = job_engine_request(job, request_id, deadline, metrics)
     if job.stream:
         streamer = job.renderers.streamer(request_id, server.model_name)
         events = EventSource(
@@ -192,7 +206,8 @@ async def stream(
         yield framing.write(pending) + framing.end
 
     async def cut(cause: str) -> None:
-        await runner.engine.abort(engine_request.request_id, cause)  # counted there, once, if still running
+        for request_id in engine_request.request_ids:  # each counted there, once, if still running
+            await runner.engine.abort(request_id, cause)
 
     async def closed(cause: str | None) -> None:
         if cause == "client_disconnect":

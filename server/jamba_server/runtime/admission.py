@@ -2,14 +2,20 @@
 
 - `AdmissionController`: at most `max_running` sequences (a request with `n` choices is `n` of the
   engine's `max_num_seqs`; and optionally `max_tokens_in_flight` prompt + max_tokens) in the engine
-  at once, a FIFO queue of at most `max_queued` requests behind them, 429 with Retry-After beyond
+  at once, a queue of at most `max_queued` requests behind them, 429 with Retry-After beyond
   that, 503 while draining. Decided before any engine work.
+
+The queue is ordered by the request's `priority` (lower first, as vLLM's priority scheduling), then
+by arrival: with every priority 0 (the only one an fcfs server accepts) it is FIFO. Only the head is
+admitted, so a large request at the head is not starved by smaller ones behind it; a request that
+arrives with a lower priority than the head goes ahead of it, and may be admitted at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+import bisect
+import itertools
 from dataclasses import dataclass, field
 
 from jamba_server.errors import RateLimitError, shutting_down
@@ -30,6 +36,7 @@ class Ticket:
 class _Waiter:
     tokens: int
     sequences: int
+    order: tuple[int, int]  # (priority, arrival): the queue's sort key
     future: asyncio.Future[Ticket] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -43,7 +50,8 @@ class AdmissionController:
         self.running_sequences = 0
         self.running_tokens = 0
         self.draining = False
-        self._queue: deque[_Waiter] = deque()
+        self._queue: list[_Waiter] = []  # sorted by `order`
+        self._arrivals = itertools.count()
 
     @property
     def queued(self) -> int:
@@ -83,15 +91,16 @@ class AdmissionController:
             headers=self._retry_headers(),
         )
 
-    async def acquire(self, tokens: int, sequences: int = 1) -> Ticket:
-        """Admit now, or queue (FIFO) until capacity frees; 429 when the queue is full."""
+    async def acquire(self, tokens: int, sequences: int = 1, priority: int = 0) -> Ticket:
+        """Admit now, or queue (by priority, then arrival) until capacity frees; 429 when the queue is full."""
         self.check_open()
         if not self._queue and self._fits(tokens, sequences):
             return self._start(tokens, sequences)
         if len(self._queue) >= self.max_queued:
             self._reject()
-        waiter = _Waiter(tokens, sequences)
-        self._queue.append(waiter)
+        waiter = _Waiter(tokens, sequences, (priority, next(self._arrivals)))
+        bisect.insort(self._queue, waiter, key=lambda w: w.order)
+        self._wake()  # at the head, it may fit where the previous head did not
         try:
             return await waiter.future
         except BaseException:
@@ -113,7 +122,7 @@ class AdmissionController:
 
     def _wake(self) -> None:
         while self._queue and self._fits(self._queue[0].tokens, self._queue[0].sequences):
-            waiter = self._queue.popleft()
+            waiter = self._queue.pop(0)
             if not waiter.future.done():
                 waiter.future.set_result(self._start(waiter.tokens, waiter.sequences))
 

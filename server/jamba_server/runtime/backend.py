@@ -41,11 +41,19 @@ class Engine(Protocol):
         grammar is an `InvalidRequestError`); what `generate` takes."""
 
     def generate(
-        self, prompt_token_ids: list[int], params: Any, request_id: str, deadline: float | None = None
+        self,
+        prompt_token_ids: list[int],
+        params: Any,
+        request_id: str,
+        deadline: float | None = None,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[EngineStep]:
         """The request's outputs, step by step. Closing the iterator ends the engine request; past
         `deadline` (an event-loop time) it raises `RequestTimeoutError`; the engine's own failures
-        are `APIError`s (a bad request 400, a failed engine 503)."""
+        are `APIError`s (a bad request 400, a failed engine 503). `priority` (lower first) matters
+        to an engine scheduling by priority; `cache_salt` keeps its prefix cache to equal salts."""
 
     async def abort(self, request_id: str, cause: str) -> None:
         """End one running request; its `generate` raises the error for `cause`."""

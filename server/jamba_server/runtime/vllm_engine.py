@@ -26,7 +26,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
 
-from jamba_server.core.outputs import ChoiceDelta, EngineStep, TokenLogprob
+from jamba_server.core.outputs import ChoiceDelta, EngineStep, PromptLogprobs, PromptTokenLogprob, TokenLogprob
 from jamba_server.core.prompt import control_spellings
 from jamba_server.core.sampling import SamplingSpec
 from jamba_server.errors import (
@@ -161,6 +161,7 @@ class EngineAdapter:
             repetition_penalty=spec.repetition_penalty,
             logit_bias=logit_bias or None,
             logprobs=spec.logprobs,
+            prompt_logprobs=spec.prompt_logprobs,
             min_tokens=spec.min_tokens,
             ignore_eos=spec.ignore_eos,
             skip_special_tokens=not spec.keep_special_tokens,
@@ -220,6 +221,9 @@ class EngineAdapter:
         params: SamplingParams,
         request_id: str,
         deadline: float | None = None,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[EngineStep]:
         """Stream the request's outputs; closing the iterator aborts the engine request.
 
@@ -229,14 +233,14 @@ class EngineAdapter:
         if not self.ready:
             raise ServiceUnavailableError("the engine is not available")
         want = params.logprobs
-        prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
+        prompt = engine_prompt(prompt_token_ids, cache_salt)
         loop = asyncio.get_running_loop()
         timer = None
         if deadline is not None:
             timer = loop.call_at(deadline, lambda: loop.create_task(self.abort(request_id, "deadline")))
         self._active[request_id] = None
         try:
-            async with aclosing(self.engine.generate(prompt, params, request_id)) as stream:
+            async with aclosing(self.engine.generate(prompt, params, request_id, priority=priority)) as stream:
                 async for output in stream:
                     # An abort can come before vLLM has registered the request (its first add_request
                     # asks the engine core for its tasks), and then vLLM drops it: our own mark ends it.
@@ -247,6 +251,7 @@ class EngineAdapter:
                         choices=tuple(_choice_delta(o, want) for o in output.outputs),
                         prompt_tokens=len(output.prompt_token_ids or prompt_token_ids),
                         finished=output.finished,
+                        prompt_logprobs=_prompt_logprobs(output.prompt_logprobs),
                     )
         except (EngineDeadError, EngineGenerateError) as exc:
             raise ServiceUnavailableError(f"the engine failed: {exc}") from exc
@@ -256,6 +261,14 @@ class EngineAdapter:
             if timer is not None:
                 timer.cancel()
             self._active.pop(request_id, None)
+
+
+def engine_prompt(prompt_token_ids: list[int], cache_salt: str | None = None) -> TokensPrompt:
+    """vLLM's prompt for token ids; a cache salt rides on it (vLLM hashes it into the first block)."""
+    prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
+    if cache_salt is not None:
+        prompt["cache_salt"] = cache_salt
+    return prompt
 
 
 def _control_char_tokens(tokenizer: Any) -> list[int]:
@@ -282,6 +295,21 @@ def _choice_delta(output: Any, want_logprobs: int | None) -> ChoiceDelta:
         logprobs=logprobs,
         finish_reason=output.finish_reason,
         stop_sequence=output.stop_reason if isinstance(output.stop_reason, str) else None,
+    )
+
+
+def _prompt_logprobs(positions: Any) -> PromptLogprobs | None:
+    """vLLM's prompt logprobs (all at once in one delta output, else empty) as plain data."""
+    if not positions:
+        return None
+    return tuple(
+        None
+        if position is None
+        else tuple(
+            PromptTokenLogprob(token_id, _finite(lp.logprob), lp.rank, lp.decoded_token)
+            for token_id, lp in position.items()
+        )
+        for position in positions
     )
 
 
