@@ -11,7 +11,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from jamba_server.logs import configure_logging
-from jamba_server.settings import Settings, SettingsError, build_arg_parser, load_settings, settings_from_args
+from jamba_server.settings import Settings, SettingsError, build_arg_parser, settings_from_args
 
 
 BATCH_COMMAND = "run-batch"
@@ -21,14 +21,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == [BATCH_COMMAND]:
         return run_batch_command(argv[1:])
-    try:
-        settings = load_settings(argv)
-        settings.chat_template_text()
-    except SettingsError as exc:
-        print(f"jamba-server: {exc}", file=sys.stderr)
+    settings, _ = checked_settings(build_arg_parser(), argv, "jamba-server")
+    if settings is None:
         return 2
     prepare_process(settings)
     return serve(settings)
+
+
+def checked_settings(parser: argparse.ArgumentParser, argv: Sequence[str], command: str) -> tuple[Settings | None, argparse.Namespace]:
+    """Settings from the flags `parser` parses, the chat template readable; None (the error said on
+    stderr) when they cannot be used."""
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        settings.chat_template_text()
+    except SettingsError as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return None, args
+    return settings, args
 
 
 def prepare_process(settings: Settings) -> None:
@@ -57,12 +67,8 @@ def batch_arg_parser() -> argparse.ArgumentParser:
 
 
 def run_batch_command(argv: Sequence[str]) -> int:
-    args = batch_arg_parser().parse_args(argv)
-    try:
-        settings = settings_from_args(args)
-        settings.chat_template_text()
-    except SettingsError as exc:
-        print(f"jamba-server {BATCH_COMMAND}: {exc}", file=sys.stderr)
+    settings, args = checked_settings(batch_arg_parser(), argv, f"jamba-server {BATCH_COMMAND}")
+    if settings is None:
         return 2
     if args.resume and args.output == "-":
         print(f"jamba-server {BATCH_COMMAND}: --resume needs an output file, not stdout", file=sys.stderr)

@@ -338,7 +338,6 @@ async def _run(settings: Any, source: IO[bytes], writer: LineWriter, selector: L
     engine = EngineAdapter(settings)
     server = Server(settings, engine, engine_version=VLLM_VERSION)
     batch = BatchRun(server, writer, selector, progress)
-    started = time.monotonic()
     main = asyncio.current_task()
     assert main is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
@@ -348,6 +347,7 @@ async def _run(settings: Any, source: IO[bytes], writer: LineWriter, selector: L
         print(f"jamba-server run-batch: the engine failed to start: {exc}", file=sys.stderr)
         await asyncio.to_thread(engine.shutdown)
         return EXIT_FATAL
+    started = progress.started = time.monotonic()  # tokens/s counts from the engine being up
     try:
         await batch.run(source)
         code = EXIT_DONE
@@ -356,10 +356,11 @@ async def _run(settings: Any, source: IO[bytes], writer: LineWriter, selector: L
         code = EXIT_FATAL
     finally:
         writer.sync()
+        seconds = time.monotonic() - started
         await asyncio.to_thread(engine.shutdown)
     logger.info(
         "run-batch %s: %d lines written in %.1fs (%d ok, %d failed requests, %d invalid lines), %d already written, %d output tokens",
-        "done" if code == EXIT_DONE else "stopped", writer.lines, time.monotonic() - started, batch.counts["ok"],
+        "done" if code == EXIT_DONE else "stopped", writer.lines, seconds, batch.counts["ok"],
         batch.counts["failed"], batch.counts["invalid"], batch.counts["skipped"], progress.tokens,
     )  # fmt: skip
     return code
