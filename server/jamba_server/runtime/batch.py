@@ -308,8 +308,8 @@ def run_batch(settings: Any, input_path: str, output_path: str, resume: bool) ->
         logger.error("run-batch: %s", exc)
         print(f"jamba-server run-batch: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    total = count_requests(input_path)
-    progress = Progress(total, enabled=sys.stderr.isatty())
+    enabled = sys.stderr.isatty()
+    progress = Progress(count_requests(input_path) if enabled else None, enabled)
     try:
         import uvloop
 
