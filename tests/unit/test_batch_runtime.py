@@ -36,8 +36,10 @@ class FakeEngine:
         self.running = 0
         self.most_running = 0
         self.dead = False
+        self.specs: list = []
 
     def engine_params(self, spec):
+        self.specs.append(spec)
         return spec
 
     async def generate(self, prompt_ids, params, request_id, deadline=None):
@@ -99,7 +101,8 @@ def test_endpoints_are_the_batch_urls():
 
 
 def test_every_line_gets_one_output_line_with_the_servers_answer(tmp_path, tokenizer):
-    batch, path = make_run(tmp_path, FakeEngine(tokenizer))
+    engine = FakeEngine(tokenizer)
+    batch, path = make_run(tmp_path, engine)
     run_lines(batch, [
         request("chat", "/v1/chat/completions", CHAT),
         request("completion", "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 3}),
@@ -127,6 +130,7 @@ def test_every_line_gets_one_output_line_with_the_servers_answer(tmp_path, token
     assert anthropic["status_code"] == 400 and anthropic["body"]["type"] == "error"  # Anthropic's envelope
     assert out["line-8"]["response"] is None and out["line-8"]["error"]["code"] == "invalid_json"
     assert batch.counts == {"ok": 4, "failed": 3, "invalid": 1, "skipped": 0}
+    assert len(engine.specs) == 4 and all(spec.final_only for spec in engine.specs)  # never streamed: no deltas
 
 
 def test_a_line_larger_than_the_body_limit_is_a_413(tmp_path, tokenizer):

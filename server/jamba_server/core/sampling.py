@@ -38,6 +38,9 @@ class SamplingSpec:
     include_stop_str_in_output: bool = False
     bad_words: tuple[str, ...] = ()
     allowed_token_ids: tuple[int, ...] | None = None
+    # The finished output only, no per-step deltas: for a caller that never streams (run-batch),
+    # whose front end then builds one output per request instead of one per step.
+    final_only: bool = False
 
 
 def resolve_max_tokens(

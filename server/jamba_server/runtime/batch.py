@@ -17,7 +17,7 @@ import stat
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any, AsyncIterator, Callable, Iterator
 
 from pydantic import BaseModel, ValidationError
@@ -35,7 +35,8 @@ from jamba_server.core.batch import (
     result_line,
     written_lines,
 )
-from jamba_server.core.prepare import GenerationJob, prepare_chat, prepare_completion
+from jamba_server.core.prepare import EngineFacts, GenerationJob, prepare_chat, prepare_completion
+from jamba_server.core.sampling import SamplingSpec
 from jamba_server.core.responses_api import prepare_responses
 from jamba_server.errors import APIError, InternalServerError, RateLimitError, RequestTooLargeError, invalid_body
 from jamba_server.metrics import record_rejection
@@ -51,25 +52,53 @@ FSYNC_INTERVAL_S = 1.0
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A batch URL: its request model and how to prepare its job on a server's runtime."""
+    """A batch URL: its request model and how to prepare its job (body, runtime, engine facts)."""
 
     model: type[BaseModel]
-    prepare: Callable[[Any, Server], GenerationJob]
+    prepare: Callable[[Any, Server, EngineFacts], GenerationJob]
     protocol: str  # whose error envelope its failures get
 
 
 ENDPOINTS: dict[str, Endpoint] = {
     "/v1/chat/completions": Endpoint(
-        ChatCompletionRequest, lambda body, s: prepare_chat(body, s.engine, s.settings, s.chat_template), "openai"
+        ChatCompletionRequest, lambda body, s, facts: prepare_chat(body, facts, s.settings, s.chat_template), "openai"
     ),
-    "/v1/completions": Endpoint(CompletionRequest, lambda body, s: prepare_completion(body, s.engine, s.settings), "openai"),
+    "/v1/completions": Endpoint(
+        CompletionRequest, lambda body, s, facts: prepare_completion(body, facts, s.settings), "openai"
+    ),
     "/v1/responses": Endpoint(
-        ResponsesRequest, lambda body, s: prepare_responses(body, s.engine, s.settings, s.chat_template, s.responses), "openai"
+        ResponsesRequest,
+        lambda body, s, facts: prepare_responses(body, facts, s.settings, s.chat_template, s.responses),
+        "openai",
     ),
     "/v1/messages": Endpoint(
-        MessagesRequest, lambda body, s: prepare_messages(body, s.engine, s.settings, s.chat_template), "anthropic"
+        MessagesRequest, lambda body, s, facts: prepare_messages(body, facts, s.settings, s.chat_template), "anthropic"
     ),
 }
+
+
+@dataclass(frozen=True)
+class FinalOutputsOnly:
+    """The engine as `prepare_*` sees it, asking for each request's finished output only: a batch
+    never streams, and vLLM then builds one output per request instead of one per engine step (as
+    vLLM's own non-streaming requests do). Everything else is the engine's."""
+
+    engine: Any
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
+
+    def engine_params(self, spec: SamplingSpec) -> Any:
+        return self.engine.engine_params(replace(spec, final_only=True))
 
 
 class EngineFailed(Exception):
@@ -117,7 +146,7 @@ async def _generate(server: Server, endpoint: Endpoint, request: BatchRequest) -
         raise invalid_body(exc.errors()) from None
     server.check_model(getattr(body, "model", None))
     server.readiness.check()
-    job = await prepare_sized(request.size, endpoint.prepare, body, server)
+    job = await prepare_sized(request.size, endpoint.prepare, body, server, FinalOutputsOnly(server.engine))
     loop = asyncio.get_running_loop()
     deadline = None if settings.request_timeout is None else loop.time() + settings.request_timeout
     engine_request = engine_request_for(server, job, time.perf_counter(), deadline)
