@@ -2,7 +2,8 @@
 Responses, Messages, and lines that are malformed or invalid) give 200 output lines with the
 expected answers. The run is fed through stdin (`-i -`) and SIGKILLed while it still waits for more
 input, after some lines are written (so the kill cannot come too late, however fast the machine);
-`--resume` over the whole file then completes the output without repeating a line."""
+`--resume` over the whole file then completes the output without repeating a line. `-i - -o -`
+keeps stdout for the output lines alone."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import os
 import signal
 import subprocess
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -126,3 +126,16 @@ def check(entry: dict, expected: tuple, text: str) -> None:
     assert body.get("object", body.get("type")) == expected[1] and body["model"] == MODEL_NAME
     usage = body["usage"]
     assert 0 < usage.get("completion_tokens", usage.get("output_tokens", 0)) <= 4
+
+
+def test_stdin_to_stdout_carries_only_the_output_lines():
+    """With `-o -` vLLM's logs and its engine processes' output go to stderr: stdout is the JSONL."""
+    lines = [mixed_line(i) for i in (0, 6, 12)]  # chat, completion, invalid JSON
+    done = subprocess.run(
+        run_batch_args("-i", "-", "-o", "-", "--log-level", "info"),
+        cwd=REPO, input="".join(text + "\n" for text, _, _ in lines).encode(), capture_output=True, timeout=STARTUP_TIMEOUT_S,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
+    out = done.stdout.decode().splitlines()
+    assert sorted(json.loads(text)["custom_id"] for text in out) == sorted(cid for _, cid, _ in lines)
+    assert b"engine ready" in done.stderr
