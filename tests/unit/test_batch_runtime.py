@@ -5,6 +5,7 @@ output file's resume repair; a dead engine stops the run without writing the lin
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 
@@ -184,3 +185,23 @@ def test_without_resume_the_output_starts_empty(tmp_path):
     fd, _ = open_output(str(path), resume=False)
     os.close(fd)
     assert path.read_bytes() == b""
+
+
+def test_the_progress_bar_shows_lines_and_output_tokens_per_second(monkeypatch):
+    shown = io.StringIO()
+    monkeypatch.setattr("sys.stderr", shown)
+    progress = Progress(2, enabled=True)
+    progress.advance(40)
+    progress.advance(0)
+    progress.close()
+    text = shown.getvalue()
+    assert "2/2" in text and "tok/s" in text
+
+
+def test_no_progress_bar_when_disabled(monkeypatch):
+    shown = io.StringIO()
+    monkeypatch.setattr("sys.stderr", shown)
+    progress = Progress(2, enabled=False)
+    progress.advance(40)
+    progress.close()
+    assert shown.getvalue() == ""
