@@ -1,5 +1,6 @@
 """Benchmark: (a) jamba-server, (b) vLLM's own OpenAI server, (c) the bare engine, one after another
-on this machine with the dev model and identical engine arguments. `make bench [QUICK=1]`.
+on this machine with the dev model and identical engine arguments; then the bulk point, `jamba-server
+run-batch` against vLLM's `run_batch` on the same chat-only file. `make bench [QUICK=1]`.
 
 Writes bench/results/latest.json and bench/results/latest.png; prints progress as it goes.
 """
@@ -17,6 +18,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -347,21 +349,124 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+# ------------------------------------------------------------------ bulk: run-batch vs vLLM's run_batch
+
+BULK_LINES = {True: 256, False: 512}  # quick, full
+BULK_READY = {"jamba-server": "engine ready", "vllm": "Reading batch from"}  # logged once the engine is up
+
+
+def bulk_input(path: Path, lines: int) -> None:
+    """Chat-only lines (vLLM's run_batch has no /v1/completions), the non-streaming point's body."""
+    body = request_body({"stream": False})
+    path.write_text("".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}) + "\n"
+                            for i in range(lines)))  # fmt: skip
+
+
+def bulk_command(system: str, source: Path, output: Path) -> list[str]:
+    if system == "jamba-server":
+        return [sys.executable, "-m", "jamba_server.cli", "run-batch", "--config", str(REPO / "configs" / "dev-cpu.yaml"),
+                "--model", MODEL, "--log-level", "info", "-i", str(source), "-o", str(output)]  # fmt: skip
+    return [
+        sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(source), "-o", str(output), "--model", MODEL,
+        "--served-model-name", NAME, "--dtype", "float32", "--max-model-len", "4096", "--max-num-seqs", "32",
+        "--enforce-eager", "--no-enable-prefix-caching",
+        "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
+    ]  # fmt: skip
+
+
+def whole_lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def run_bulk(system: str, source: Path, lines: int) -> dict:
+    """One batch run: output tokens/s from the engine being up (its log line) to the last output
+    line on disk, so engine loading, which both pay alike, is left out."""
+    output = RESULTS / f"bulk-{system}.jsonl"
+    output.unlink(missing_ok=True)
+    log_file = (RESULTS / f"bulk-{system}.log").open("w")
+    proc = subprocess.Popen(bulk_command(system, source, output), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    ready: list[float] = []
+
+    def follow() -> None:
+        for text in proc.stdout:
+            log_file.write(text)
+            if not ready and BULK_READY[system] in text:
+                ready.append(time.perf_counter())
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    try:
+        while whole_lines(output) < lines and proc.poll() is None:
+            time.sleep(0.02)
+        done = time.perf_counter()
+        proc.wait(120)
+    finally:
+        stop(proc)
+        reader.join(10)
+        log_file.close()
+    if not ready or whole_lines(output) < lines:
+        raise RuntimeError(f"{system} run-batch failed (exit {proc.returncode}); see {log_file.name}")
+    entries = [json.loads(text) for text in output.read_text().splitlines()]
+    ok = [e for e in entries if e["response"] and e["response"]["status_code"] == 200]
+    tokens = sum(e["response"]["body"]["usage"]["completion_tokens"] for e in ok)
+    seconds = done - ready[0]
+    return {"output_tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens, "errors": len(entries) - len(ok)}
+
+
+def run_bulk_rounds(quick: bool, rounds: int) -> dict:
+    """Both batch runners on the same input, one at a time, the order alternating between rounds;
+    every round's numbers are kept (this machine's throughput moves 2-4x between runs)."""
+    source = RESULTS / "bulk-input.jsonl"
+    bulk_input(source, BULK_LINES[quick])
+    names = ["jamba-server", "vllm"]
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            result = run_bulk(name, source, BULK_LINES[quick])
+            runs[name].append(result)
+            log(f"bulk round {r + 1}/{rounds}: {name} run-batch {result['output_tokens_per_s']:.0f} tok/s "
+                f"({result['tokens']} tokens in {result['seconds']:.1f} s, {result['errors']} errors)")  # fmt: skip
+    ratios = [ratio(a["output_tokens_per_s"], b["output_tokens_per_s"]) for a, b in zip(runs["jamba-server"], runs["vllm"])]
+    return {
+        "lines": BULK_LINES[quick], "max_tokens": MAX_TOKENS, "runs": runs,
+        "median_tokens_per_s": {name: statistics.median(r["output_tokens_per_s"] for r in rs) for name, rs in runs.items()},
+        "a_over_b_per_round": ratios, "a_over_b": statistics.median(ratios),
+    }  # fmt: skip
+
+
+def print_bulk(bulk: dict) -> None:
+    rounds = ", ".join(f"{a['output_tokens_per_s']:.0f}/{b['output_tokens_per_s']:.0f}" for a, b in zip(bulk["runs"]["jamba-server"], bulk["runs"]["vllm"]))
+    print(f"bulk ({bulk['lines']} chat lines x {bulk['max_tokens']} tokens): run-batch tok/s jamba-server/vLLM per round {rounds}; "
+          f"a/b per round {', '.join(f'{r:.2f}' for r in bulk['a_over_b_per_round'])}; median a/b {bulk['a_over_b']:.2f}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--bulk-only", action="store_true", help="only the bulk point (run-batch vs vLLM's run_batch)")
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 5)
+    bulk_rounds = max(2, repeats)  # at least one round in each order
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    if args.bulk_only:
+        bulk = run_bulk_rounds(args.quick, bulk_rounds)
+        (RESULTS / "bulk.json").write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), **bulk}, indent=2))
+        print_bulk(bulk)
+        return
     systems, ratios = run_rounds(args.quick, repeats)
+    bulk = run_bulk_rounds(args.quick, bulk_rounds)
     results = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"), "duration_s": round(time.time() - started),
         "quick": args.quick, "repeats": repeats, "max_tokens": MAX_TOKENS, "engine_args": ENGINE_ARGS,
         "machine": {"cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30),
                     "cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
-        "systems": systems, "ratios": ratios,
+        "systems": systems, "ratios": ratios, "bulk": bulk,
     }  # fmt: skip
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
     plot(results, RESULTS / "latest.png")
@@ -376,6 +481,7 @@ def main() -> None:
                   f"{s['errors']:4.0f} {fmt(s['server_rss_mb'], 7, 0)} {fmt(s['frontend_cpu_ms_per_token'], 12)} {fmt(s['client_cpu_ms_per_token'], 13)}")  # fmt: skip
     for name, r in ratios.items():
         print(f"{name:22} a/b tok/s {r['tokens_per_s_a_over_b'] or 0:.3f}   a/c tok/s {r['tokens_per_s_a_over_c'] or 0:.3f}   a/b TTFT p99 {r['ttft_p99_a_over_b'] or 0:.3f}")
+    print_bulk(bulk)
 
 
 if __name__ == "__main__":

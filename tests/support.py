@@ -340,3 +340,15 @@ class PrepareEngine:
 
     def engine_params(self, spec):
         return spec
+
+
+def run_batch_args(*args: str) -> list[str]:
+    """`jamba-server run-batch` on the dev model (add -i, -o and anything else)."""
+    return [sys.executable, "-m", "jamba_server.cli", "run-batch", "--config", str(DEV_CONFIG), "--model", str(DEV_MODEL), *args]
+
+
+def whole_lines(path: Path) -> list[bytes]:
+    """A JSONL file's whole lines so far (a line still being written is left out)."""
+    if not path.exists():
+        return []
+    return [line for line in path.read_bytes().splitlines(keepends=True) if line.endswith(b"\n")]

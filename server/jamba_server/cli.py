@@ -1,7 +1,9 @@
-"""`jamba-server` command: settings → engine adapter → FastAPI app → uvicorn."""
+"""`jamba-server` command: settings → engine adapter → FastAPI app → uvicorn; `jamba-server run-batch`:
+the same engine and pipeline over a batch file (runtime/batch.py)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -9,22 +11,72 @@ import sys
 from typing import Any, Callable, Sequence
 
 from jamba_server.logs import configure_logging
-from jamba_server.settings import Settings, SettingsError, load_settings
+from jamba_server.settings import Settings, SettingsError, build_arg_parser, settings_from_args
+
+
+BATCH_COMMAND = "run-batch"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [BATCH_COMMAND]:
+        return run_batch_command(argv[1:])
+    settings, _ = checked_settings(build_arg_parser(), argv, "jamba-server")
+    if settings is None:
+        return 2
+    prepare_process(settings)
+    return serve(settings)
+
+
+def checked_settings(parser: argparse.ArgumentParser, argv: Sequence[str], command: str) -> tuple[Settings | None, argparse.Namespace]:
+    """Settings from the flags `parser` parses, the chat template readable; None (the error said on
+    stderr) when they cannot be used."""
+    args = parser.parse_args(argv)
     try:
-        settings = load_settings(argv)
+        settings = settings_from_args(args)
         settings.chat_template_text()
     except SettingsError as exc:
-        print(f"jamba-server: {exc}", file=sys.stderr)
-        return 2
+        print(f"{command}: {exc}", file=sys.stderr)
+        return None, args
+    return settings, args
+
+
+def prepare_process(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format)
     # Preset environment (e.g. VLLM_CPU_KVCACHE_SPACE) must be in place before vLLM is imported;
     # a variable already set in the real environment wins.
     for name, value in settings.env.items():
         os.environ.setdefault(name, value)
-    return serve(settings)
+
+
+def batch_arg_parser() -> argparse.ArgumentParser:
+    parser = build_arg_parser(
+        prog=f"jamba-server {BATCH_COMMAND}",
+        description="Run an OpenAI batch file (JSONL: custom_id, method, url, body per line) on the embedded engine, "
+        "without an HTTP server; one output line per input line, in OpenAI's batch output format. "
+        "Exit status: 0 every line written (error lines included), 1 the engine failed, 2 bad arguments or files.",
+    )
+    group = parser.add_argument_group("batch")
+    group.add_argument("-i", "--input", required=True, metavar="PATH", help="batch input file (JSONL); - for stdin")
+    group.add_argument("-o", "--output", required=True, metavar="PATH", help="output file (JSONL); - for stdout")
+    group.add_argument(
+        "--resume", action="store_true",
+        help="keep the output's whole lines, skip the input lines they answer and append the rest (a cut last line is removed)",
+    )  # fmt: skip
+    return parser
+
+
+def run_batch_command(argv: Sequence[str]) -> int:
+    settings, args = checked_settings(batch_arg_parser(), argv, f"jamba-server {BATCH_COMMAND}")
+    if settings is None:
+        return 2
+    if args.resume and args.output == "-":
+        print(f"jamba-server {BATCH_COMMAND}: --resume needs an output file, not stdout", file=sys.stderr)
+        return 2
+    prepare_process(settings)
+    from jamba_server.runtime.batch import run_batch
+
+    return run_batch(settings, args.input, args.output, args.resume)
 
 
 def serve(settings: Settings) -> int:

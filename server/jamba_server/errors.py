@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 
 class APIError(Exception):
@@ -62,6 +62,27 @@ def protocol_for_path(path: str) -> str:
 
 class InvalidRequestError(APIError):
     """The request is well-formed JSON but asks for something invalid (400)."""
+
+
+def _param_path(loc: tuple[Any, ...]) -> str | None:
+    parts = [p for p in loc if p != "body"]
+    if not parts or not isinstance(parts[0], str):
+        return None
+    path = parts[0]
+    for part in parts[1:]:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def invalid_body(errors: Sequence[Any]) -> InvalidRequestError:
+    """A request body that failed validation (pydantic's `errors()`; FastAPI's put `body` first in
+    each location) → the 400 naming the first error's field."""
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return InvalidRequestError(f"The request body is not valid JSON: {first.get('msg')}")
+    param = _param_path(tuple(first.get("loc", ())))
+    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    return InvalidRequestError(f"{param}: {message}" if param else message, param=param)
 
 
 class ContextLengthExceededError(InvalidRequestError):

@@ -382,12 +382,14 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return values
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="jamba-server",
-        description="OpenAI-compatible server for Jamba 1.5 on vLLM. "
-        "Precedence: --config preset < JAMBA_* environment < flags.",
-    )
+SERVER_DESCRIPTION = (
+    "OpenAI-compatible server for Jamba 1.5 on vLLM. Precedence: --config preset < JAMBA_* environment < flags. "
+    "Bulk jobs without a server: `jamba-server run-batch --help`."
+)
+
+
+def build_arg_parser(prog: str = "jamba-server", description: str = SERVER_DESCRIPTION) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", help=f"YAML preset (see configs/); env {ENV_PREFIX}CONFIG")
     groups = {name: parser.add_argument_group(name) for name in _GROUPS}
     for name, kind in _SCALAR_FIELDS.items():
@@ -416,8 +418,13 @@ def load_settings(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
     """Build settings from a preset, the environment and CLI flags (highest wins)."""
+    return settings_from_args(build_arg_parser().parse_args(argv), environ)
+
+
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from parsed flags (`build_arg_parser`'s, and any a subcommand adds), the preset they
+    name and the environment."""
     environ = os.environ if environ is None else environ
-    args = build_arg_parser().parse_args(argv)
     config_path = args.config or environ.get(ENV_PREFIX + "CONFIG")
     values: dict[str, Any] = load_preset(config_path) if config_path else {}
     values.update(env_overrides(environ))

@@ -88,6 +88,10 @@ class GenerationJob:
     def runs(self) -> tuple[PromptRun, ...]:
         return (PromptRun(self.prompt, self.spec, self.engine_params), *self.more_prompts)
 
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(run.prompt.token_ids) for run in self.runs)
+
 
 @dataclass(frozen=True)
 class ChatParts:

@@ -10,34 +10,17 @@ Starlette would run a handler for `Exception` outside every middleware (no reque
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jamba_server.errors import APIError, InvalidRequestError, NotFoundError, RequestTooLargeError, protocol_for_path
+from jamba_server.errors import APIError, InvalidRequestError, NotFoundError, RequestTooLargeError, invalid_body, protocol_for_path
 from jamba_server.metrics import record_rejection
 
 
-def _param_path(loc: tuple[Any, ...]) -> str | None:
-    parts = [p for p in loc if p != "body"]
-    if not parts or not isinstance(parts[0], str):
-        return None
-    path = parts[0]
-    for part in parts[1:]:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return path
-
-
 def validation_error(exc: RequestValidationError) -> APIError:
-    first = exc.errors()[0] if exc.errors() else {}
-    if first.get("type") == "json_invalid":
-        return InvalidRequestError(f"The request body is not valid JSON: {first.get('msg')}")
-    param = _param_path(tuple(first.get("loc", ())))
-    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-    return InvalidRequestError(f"{param}: {message}" if param else message, param=param)
+    return invalid_body(exc.errors())
 
 
 def http_error(exc: StarletteHTTPException) -> APIError:

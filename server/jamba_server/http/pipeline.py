@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
-from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, AsyncIterator, Callable
 
@@ -25,15 +23,14 @@ from jamba_server.core.prepare import GenerationJob
 from jamba_server.errors import APIError, InvalidRequestError
 from jamba_server.http.middleware import request_info
 from jamba_server.http.sse import FRAMINGS, Framing, TrackedStreamingResponse, until_disconnect
-from jamba_server.metrics import ABORTED, GENERATION_REQUESTS, GenerationMetrics, record_outcome
+from jamba_server.metrics import ABORTED
+from jamba_server.runtime.generation import engine_request_for, prepare_sized, record_result, run_to_end
 from jamba_server.runtime.runner import EngineRequest, Runner
 from jamba_server.runtime.server import Server
 
 logger = logging.getLogger(__name__)
 
 TIMEOUT_HEADER = "x-request-timeout"
-# Requests with a larger body than this are prepared off the event loop.
-INLINE_BODY_BYTES = 16_384
 
 
 def server_of(request: Request) -> Server:
@@ -55,12 +52,9 @@ def begin_generation(request: Request, server: Server, model: str | None) -> Non
 
 
 async def prepare_job(request: Request, prepare: Callable[..., Any], *args: Any) -> Any:
-    """`prepare(*args)`, in a worker thread when the body is large (rendering and tokenizing a
-    long prompt would stall every stream on the event loop)."""
+    """`prepare(*args)`, in a worker thread when the body is large (or has no length)."""
     length = request.headers.get("content-length", "")
-    if not length.isdigit() or int(length) > INLINE_BODY_BYTES:  # no length: assume large
-        return await asyncio.to_thread(prepare, *args)
-    return prepare(*args)
+    return await prepare_sized(int(length) if length.isdigit() else None, prepare, *args)
 
 
 def request_deadline(request: Request, request_timeout: float | None) -> float | None:
@@ -84,31 +78,11 @@ def request_timeout_s(request: Request, request_timeout: float | None) -> float 
     return timeout
 
 
-def job_engine_request(job: GenerationJob, request_id: str, deadline: float | None, observer: Any) -> EngineRequest:
-    """The job's engine request; a multi-prompt job's prompts are `{request_id}-{i}`, as vLLM names them."""
-    runs = job.runs
-    parts = [
-        EngineRequest(
-            request_id if len(runs) == 1 else f"{request_id}-{i}", run.prompt.token_ids, run.spec, run.engine_params,
-            deadline, observer, priority=job.priority, cache_salt=job.cache_salt,
-        )  # fmt: skip
-        for i, run in enumerate(runs)
-    ]
-    return replace(parts[0], more=tuple(parts[1:]))
-
-
 async def run_job(request: Request, server: Server, job: GenerationJob) -> Any:
-    request_id = f"{job.id_prefix}{job.id_separator}{uuid.uuid4().hex}"
-    prompt_ids = job.prompt.token_ids
-    prompt_tokens = sum(len(run.prompt.token_ids) for run in job.runs)
-    note(request, engine_request_id=request_id, prompt_tokens=prompt_tokens, stream=job.stream)
-    metrics = GenerationMetrics(
-        server.model_name, request_info(request.scope)["arrived"], job.features + (("stream",) if job.stream else ())
-    )
-    metrics.prompt(prompt_tokens)
-    GENERATION_REQUESTS.labels(server.model_name, job.endpoint).inc()
     deadline = request_deadline(request, server.settings.request_timeout)
-    engine_request = job_engine_request(job, request_id, deadline, metrics)
+    request_id, engine_request = engine_request_for(server, job, request_info(request.scope)["arrived"], deadline)
+    prompt_ids = job.prompt.token_ids
+    note(request, engine_request_id=request_id, prompt_tokens=job.prompt_tokens, stream=job.stream)
     if job.stream:
         streamer = job.renderers.streamer(request_id, server.model_name)
         events = EventSource(
@@ -132,7 +106,7 @@ def _outcome(request: Request, server: Server, job: GenerationJob, result: Any) 
     and raw outputs with `log_request_content`."""
 
     def record() -> None:
-        record_outcome(server.model_name, result.outcomes(), getattr(result, "parsers", ()), job.json_mode)
+        record_result(server, job, result)
         note(request, completion_tokens=result.usage().completion_tokens)
         if server.settings.log_request_content:
             note(request, prompt=job.prompt.text, outputs=["".join(c.text) for c in result.choices])
@@ -141,14 +115,8 @@ def _outcome(request: Request, server: Server, job: GenerationJob, result: Any) 
 
 
 async def collect(request: Request, runner: Runner, engine_request: EngineRequest, on_step: Callable[[EngineStep], Any]) -> None:
-    """Run a non-streaming request to the end, feeding every step to `on_step`."""
-
-    async def run() -> None:
-        async with aclosing(runner.collect(engine_request)) as steps:
-            async for step in steps:
-                on_step(step)
-
-    await until_disconnect(request, run())
+    """Run a non-streaming request to the end; a client that goes away cancels it."""
+    await until_disconnect(request, run_to_end(runner, engine_request, on_step))
 
 
 @dataclass(frozen=True)

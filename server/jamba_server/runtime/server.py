@@ -70,17 +70,25 @@ class Server:
         ).set(1)
         logger.info("engine ready: %s (max_model_len=%d)", self.model_name, self.engine.max_model_len)
 
-    async def run_engine(self, fatal: Callable[[str], None]) -> None:
-        """Start the engine, then watch it: `fatal` is called if it fails to start or dies."""
+    async def start_engine(self) -> None:
+        """Load the engine (off the event loop), freeze the start-up heap and open admission; a
+        failure is kept as readiness's start error, logged and raised."""
         try:
             await asyncio.to_thread(self.engine.start)
             freeze_startup_heap()
-        except BaseException as exc:  # noqa: BLE001 - any start failure ends the process
+        except BaseException as exc:
             self.readiness.start_error = exc
             logger.exception("engine failed to start")
+            raise
+        self.engine_started()
+
+    async def run_engine(self, fatal: Callable[[str], None]) -> None:
+        """Start the engine, then watch it: `fatal` is called if it fails to start or dies."""
+        try:
+            await self.start_engine()
+        except BaseException as exc:  # noqa: BLE001 - any start failure ends the process
             fatal(f"engine failed to start: {exc}")
             return
-        self.engine_started()
         while not self.engine.dead:
             await asyncio.sleep(0.5)
         # Stay up briefly so in-flight requests get their 503s and probes see /health fail, then

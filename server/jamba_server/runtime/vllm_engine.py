@@ -167,7 +167,8 @@ class EngineAdapter:
             skip_special_tokens=not spec.keep_special_tokens,
             spaces_between_special_tokens=False,
             structured_outputs=structured,
-            output_kind=RequestOutputKind.DELTA,
+            # FINAL_ONLY's one output is the whole completion: a delta from nothing, as `generate` reads it.
+            output_kind=RequestOutputKind.FINAL_ONLY if spec.final_only else RequestOutputKind.DELTA,
         )
         if structured is not None:
             # Compile-check the schema with vLLM's own xgrammar validation, so a schema the grammar
