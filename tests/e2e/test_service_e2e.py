@@ -46,7 +46,8 @@ def test_openapi_matches_accepted_requests(http):
             "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
             "documents": [{"text": "doc", "title": "t"}], "response_format": {"type": "text"},
             "stop_token_ids": [5], "include_stop_str_in_output": False, "bad_words": ["zz"],
-            "allowed_token_ids": list(range(16, 600)), "skip_special_tokens": True}  # fmt: skip
+            "allowed_token_ids": list(range(16, 600)), "skip_special_tokens": True,
+            "structured_outputs": {"regex": "[a-z ]+"}}  # fmt: skip
     missing = set(ChatCompletionRequest.model_fields) - set(body) - {"stream_options"}
     assert not missing
     resp = http.post("/v1/chat/completions", json=body)

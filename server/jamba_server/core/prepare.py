@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from jamba_server.core import prompt as prompts
+from jamba_server.core.constraints import output_constraint
 from jamba_server.core.features import ChatPlan, plan_chat
 from jamba_server.core.limits import check_chat_input_limits, check_chat_limits, check_completion_limits
 from jamba_server.core.responses import ChatAccumulator, ChatStreamer, CompletionAccumulator, CompletionStreamer
@@ -82,10 +83,10 @@ def chat_parts(body: ChatCompletionRequest, engine: EngineFacts, settings: Setti
         prompt_tokens=len(prompt.token_ids),
         max_model_len=engine.max_model_len,
         vocab_size=engine.vocab_size,
-        json_schema=plan.constraint.schema if plan.constraint else None,
-        json_schema_param=plan.constraint.param if plan.constraint else None,
+        constraint=plan.constraint,
         banned_tokens=plan.banned_tokens,
         max_tokens_cap=settings.max_tokens_limit,
+        verbatim=plan.parser.verbatim,
     )
     return ChatParts(plan, prompt, spec, engine.engine_params(spec))
 
@@ -98,7 +99,7 @@ def chat_job(parts: ChatParts, renderers: Renderers, *, stream: bool, endpoint: 
         spec=parts.spec,
         engine_params=parts.engine_params,
         features=parts.plan.feature_labels,
-        json_mode=not {"json_mode", "json_schema"}.isdisjoint(parts.plan.feature_labels),
+        json_mode=parts.plan.json_mode,
         stream=stream,
         renderers=renderers,
         endpoint=endpoint,
@@ -123,8 +124,9 @@ def prepare_chat(body: ChatCompletionRequest, engine: EngineFacts, settings: Set
 
 
 def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: Settings) -> GenerationJob:
-    """Limits → prompt (raw text, or token ids checked against the vocabulary) → sampling spec →
-    echo text (decoded only once the length is known to fit) → the engine's parameters."""
+    """Limits → prompt (raw text, or token ids checked against the vocabulary) → output constraint →
+    sampling spec → echo text (decoded only once the length is known to fit) → the engine's
+    parameters (the constraint compiled)."""
     check_completion_limits(body, settings)
     if isinstance(body.prompt, str):
         prompt = prompts.encode_prompt(engine.tokenizer, body.prompt)
@@ -133,11 +135,13 @@ def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: S
         if bad:
             raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary", param="prompt")
         prompt = prompts.Prompt(text="", token_ids=list(body.prompt))
+    constraint = output_constraint(body.response_format, body.structured_outputs)
     spec = sampling_spec(
         body,
         prompt_tokens=len(prompt.token_ids),
         max_model_len=engine.max_model_len,
         vocab_size=engine.vocab_size,
+        constraint=constraint,
         max_tokens_cap=settings.max_tokens_limit,
     )
     if body.echo and not isinstance(body.prompt, str):
@@ -157,14 +161,21 @@ def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: S
         prompt=prompt,
         spec=spec,
         engine_params=engine.engine_params(spec),
-        features=(),
-        json_mode=False,
+        features=_completion_features(body),
+        json_mode=constraint is not None and constraint.is_json,
         stream=body.stream,
         include_usage=include_usage,
         return_token_ids=body.return_token_ids,
         renderers=renderers,
         endpoint="completions",
     )
+
+
+def _completion_features(body: CompletionRequest) -> tuple[str, ...]:
+    """Metric labels, as chat's: the output constraint a completion asks for."""
+    fmt = body.response_format.type if body.response_format is not None else None
+    labels = {"json_object": ("json_mode",), "json_schema": ("json_schema",)}.get(fmt or "", ())
+    return labels + (("structured_outputs",) if body.structured_outputs is not None else ())
 
 
 def prepare_tokenize(body: TokenizeRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> prompts.Prompt:
