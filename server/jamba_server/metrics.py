@@ -48,7 +48,7 @@ GENERATION_REQUESTS = Counter(
 )
 FEATURES = Counter(
     "jamba_requests_by_feature_total",
-    "Generation requests using a feature (tools, documents, json_mode, json_schema, stream).",
+    "Generation requests using a feature (tools, documents, json_mode, json_schema, structured_outputs, stream).",
     ["model", "feature"],
 )
 

@@ -184,6 +184,76 @@ class ResponseFormat(BaseModel):
         return self
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` (its `StructuredOutputsParams`, field for field): exactly one
+    constraint kind. The three options that vLLM 0.32's xgrammar backend ignores per request are
+    accepted only at what this server always does: JSON without free whitespace, schemas as written."""
+
+    model_config = _STRICT
+    KINDS: ClassVar[tuple[str, ...]] = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+    json_: dict[str, Any] | str | None = Field(
+        None, alias="json", description="A JSON schema (an object, or a string holding one)."
+    )
+    regex: str | None = Field(None, description="A regular expression the whole output must match.")
+    choice: list[str] | None = Field(None, min_length=1, description="The output is exactly one of these strings.")
+    grammar: str | None = Field(None, description="A grammar in xgrammar's EBNF (`root ::= ...`) or Lark syntax.")
+    json_object: bool | None = Field(None, description="`true`: any JSON object (as response_format json_object).")
+    structural_tag: str | dict[str, Any] | None = Field(
+        None, description="An xgrammar structural tag (an object, or a string holding one)."
+    )
+    disable_any_whitespace: bool | None = Field(
+        None, description="Always so here: JSON output never has free whitespace (`false` is a 400)."
+    )
+    disable_additional_properties: bool | None = Field(
+        None, description="Not supported (vLLM's guidance backend only): only `false` is accepted."
+    )
+    whitespace_pattern: str | None = Field(None, description="Not supported (vLLM's xgrammar backend has none).")
+
+    @field_validator("json_object")
+    @classmethod
+    def _json_object_true(cls, value: bool | None) -> bool | None:
+        if value is False:
+            raise ValueError("must be true (leave it out for no constraint)")
+        return value
+
+    @field_validator("disable_any_whitespace")
+    @classmethod
+    def _no_free_whitespace(cls, value: bool | None) -> bool | None:
+        if value is False:
+            raise ValueError("false is not supported: this server's JSON output never has free whitespace")
+        return value
+
+    @field_validator("disable_additional_properties")
+    @classmethod
+    def _schemas_as_written(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("not supported: the xgrammar backend keeps schemas as written (vLLM's guidance backend only)")
+        return value
+
+    @field_validator("whitespace_pattern")
+    @classmethod
+    def _no_whitespace_pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise ValueError("not supported: the xgrammar backend has no whitespace pattern")
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> StructuredOutputs:
+        given = [kind for kind in self.KINDS if self.value(kind) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one constraint kind ({', '.join(self.KINDS)}); got {', '.join(given) or 'none'}"
+            )
+        return self
+
+    def value(self, kind: str) -> Any:
+        return self.json_ if kind == "json" else getattr(self, kind)
+
+    def kind(self) -> str:
+        return next(kind for kind in self.KINDS if self.value(kind) is not None)
+
+
 class StreamOptions(BaseModel):
     model_config = _STRICT
     include_usage: bool = False
@@ -262,6 +332,9 @@ class SamplingFields(BaseModel):
         None, min_length=1, max_length=CACHE_SALT_MAX_LENGTH,
         description="vLLM extension: prefix-cache reuse only between requests with the same salt.",
     )  # fmt: skip
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's constraint on the output: exactly one of json, regex, choice, grammar, json_object, structural_tag."
+    )
 
     @field_validator("stop")
     @classmethod
@@ -360,6 +433,7 @@ class CompletionRequest(SamplingFields):
     )
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    response_format: ResponseFormat | None = None
 
     @field_validator("prompt")
     @classmethod

@@ -308,7 +308,7 @@ _FLAG_HELP: dict[str, tuple[str, str]] = {
     "max_stop_sequences": ("limits", "stop sequences per request"),
     "max_stop_length": ("limits", "characters per stop sequence"),
     "max_tools": ("limits", "tools per request"),
-    "max_schema_bytes": ("limits", "bytes per JSON schema (response format, tool parameters)"),
+    "max_schema_bytes": ("limits", "bytes per JSON schema (response format, tool parameters) or structured_outputs constraint"),
     "max_documents": ("limits", "documents per request"),
     "max_document_chars": ("limits", "characters of document text per request"),
     "metrics_require_auth": ("auth", "require an API key for /metrics"),

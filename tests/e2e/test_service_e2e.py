@@ -49,7 +49,8 @@ def test_openapi_matches_accepted_requests(http):
             "allowed_token_ids": list(range(16, 600)), "skip_special_tokens": True, "priority": 0,
             "cache_salt": "tenant-a", "prompt_logprobs": 1,
             "echo": True, "add_generation_prompt": True, "continue_final_message": False,
-            "truncate_prompt_tokens": 2000, "truncation_side": "left"}  # fmt: skip
+            "truncate_prompt_tokens": 2000, "truncation_side": "left",
+            "structured_outputs": {"regex": "[a-z ]+"}}  # fmt: skip
     missing = set(ChatCompletionRequest.model_fields) - set(body) - {"stream_options"}
     assert not missing
     resp = http.post("/v1/chat/completions", json=body)

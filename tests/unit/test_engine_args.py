@@ -193,6 +193,7 @@ def test_our_tokenizer_follows_the_models_revision(monkeypatch, flags, expected)
 def test_a_grammar_compiler_out_of_stack_is_the_clients_400(monkeypatch):
     """A RecursionError from vLLM's xgrammar check (a RuntimeError) is a 400 naming the schema's field."""
     import jamba_server.runtime.vllm_engine as engine
+    from jamba_server.core.constraints import OutputConstraint
     from jamba_server.core.sampling import SamplingSpec
     from jamba_server.errors import InvalidRequestError
     from jamba_server.settings import Settings
@@ -203,7 +204,8 @@ def test_a_grammar_compiler_out_of_stack_is_the_clients_400(monkeypatch):
     monkeypatch.setattr(engine, "validate_xgrammar_grammar", exhausted)
     adapter = engine.EngineAdapter(Settings(model="m"))
     adapter._control_token_ids = []
-    spec = SamplingSpec(max_tokens=4, json_schema={"type": "object"}, json_schema_param="response_format.json_schema.schema")
+    constraint = OutputConstraint("json", {"type": "object"}, "response_format.json_schema.schema")
+    spec = SamplingSpec(max_tokens=4, constraint=constraint)
     with pytest.raises(InvalidRequestError) as info:
         adapter.sampling_params(spec)
     assert info.value.param == "response_format.json_schema.schema"

@@ -57,7 +57,7 @@ def _valid(schema, value):
 
 def test_required_constrains_to_declared_calls():
     p = plan(tools=[WEATHER, ADD], tool_choice="required")
-    schema = p.constraint.schema
+    schema = p.constraint.value
     assert p.prompt_suffix == TOOL_BLOCK_PREFIX and p.parser.starts_in_tool_block
     assert _valid(schema, [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "add", "arguments": {"a": 1}}])
     assert not _valid(schema, [])
@@ -66,19 +66,19 @@ def test_required_constrains_to_declared_calls():
 
 
 def test_named_choice_and_parallel_false_allow_one_call():
-    named = plan(tools=[WEATHER, ADD], tool_choice={"type": "function", "function": {"name": "add"}}).constraint.schema
+    named = plan(tools=[WEATHER, ADD], tool_choice={"type": "function", "function": {"name": "add"}}).constraint.value
     assert _valid(named, [{"name": "add", "arguments": {"a": 3}}])
     assert not _valid(named, [{"name": "get_weather", "arguments": {"city": "Paris"}}])
     assert not _valid(named, [{"name": "add", "arguments": {}}] * 2)
     single = plan(tools=[WEATHER, ADD], tool_choice="required", parallel_tool_calls=False)
-    assert single.constraint.schema["maxItems"] == 1 and not single.parser.parallel_tool_calls
+    assert single.constraint.value["maxItems"] == 1 and not single.parser.parallel_tool_calls
 
 
 def test_documents_and_knobs():
     p = plan(documents=DOCS, citation_mode="fast", response_format={"type": "json_object"})
     assert p.template_inputs["documents"] == [{"text": "alpha", "title": "A"}, {"text": "beta", "source": "wiki"}]
     assert p.template_inputs["knobs"] == {"citation_mode": "fast", "response_format": "json_object", "is_set": True}
-    assert p.constraint.schema == {"type": "object"}
+    assert p.constraint.value == {"type": "object"}
     assert p.parser.document_titles == ("A", None) and p.parser.citation_mode
     assert set(p.feature_labels) == {"documents", "json_mode"}
 
@@ -86,7 +86,7 @@ def test_documents_and_knobs():
 def test_json_schema_is_the_constraint():
     schema = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
     p = plan(response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
-    assert p.constraint.schema == schema and p.template_inputs["knobs"]["response_format"] == "json_object"
+    assert p.constraint.value == schema and p.template_inputs["knobs"]["response_format"] == "json_object"
 
 
 def test_text_format_has_no_knob():
@@ -192,13 +192,13 @@ def test_input_that_gave_500s_is_a_400_naming_the_field(fields, param):
 
 def test_a_checker_running_out_of_stack_is_the_clients_400(monkeypatch):
     """Past our bounds, whatever a schema checker cannot take is still the client's schema."""
-    import jamba_server.core.features as features
+    import jamba_server.core.constraints as constraints
 
     class Exhausted:
         def check_schema(self, schema):
             raise RecursionError("maximum recursion depth exceeded")
 
-    monkeypatch.setattr(features, "validator_for", lambda schema: Exhausted())
+    monkeypatch.setattr(constraints, "validator_for", lambda schema: Exhausted())
     with pytest.raises(InvalidRequestError) as info:
         plan(response_format=json_schema_format({"type": "object"}))
     assert info.value.param == SCHEMA_PARAM and "recursion" not in info.value.message
@@ -212,8 +212,8 @@ def test_bounds_leave_room_for_the_tool_call_wrapper():
 
     deepest = nested_args(MAX_TOOL_PARAMETERS_NESTING)
     p = plan(tools=[tool(deepest), {**tool({}), "function": {"name": "g", "parameters": deepest}}], tool_choice="required")
-    assert not exceeds_nesting(p.constraint.schema, MAX_JSON_NESTING)
-    assert exceeds_nesting(p.constraint.schema, MAX_JSON_NESTING - 1)  # the bound is tight, not loose
+    assert not exceeds_nesting(p.constraint.value, MAX_JSON_NESTING)
+    assert exceeds_nesting(p.constraint.value, MAX_JSON_NESTING - 1)  # the bound is tight, not loose
     with pytest.raises(InvalidRequestError):
         plan(tools=[tool(nested_args(MAX_TOOL_PARAMETERS_NESTING + 1))])
     assert tool_calls_schema  # imported for the docstring's claim

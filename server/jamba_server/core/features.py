@@ -6,15 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from jsonschema import SchemaError
-from jsonschema.validators import validator_for
-
-from jamba_server.core.input_limits import (
-    MAX_JSON_NESTING,
-    MAX_TOOL_PARAMETERS_NESTING,
-    check_nesting,
-    check_schema_limits,
-)
+from jamba_server.core.constraints import ANY_OBJECT, OutputConstraint, check_schema, output_constraint
+from jamba_server.core.input_limits import MAX_TOOL_PARAMETERS_NESTING, check_nesting
 from jamba_server.core.parsing import TOOL_OPEN, ParserConfig, document_titles
 from jamba_server.core.prompt import template_message
 from jamba_server.errors import InvalidRequestError
@@ -23,15 +16,6 @@ from jamba_server.protocol import ChatFeatures, NamedToolChoice
 # What an assistant turn that calls tools starts with (see the golden cases); forced tool calls
 # append it to the prompt so the model continues inside the block.
 TOOL_BLOCK_PREFIX = " " + TOOL_OPEN
-ANY_OBJECT: dict[str, Any] = {"type": "object"}
-
-
-@dataclass(frozen=True)
-class OutputConstraint:
-    """A JSON schema the output must match (vLLM structured outputs, no free whitespace)."""
-
-    schema: dict[str, Any]
-    param: str  # the request field the schema came from, for errors
 
 
 @dataclass(frozen=True)
@@ -45,21 +29,10 @@ class ChatPlan:
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # the prompt ends inside the final (assistant) message
 
-
-def _check_schema(schema: dict[str, Any], param: str, max_nesting: int = MAX_JSON_NESTING) -> None:
-    """Bounds first (no recursion), then jsonschema's metaschema check; whatever the checker cannot
-    take is still the client's schema: a 400 naming `param`, never a 500."""
-    check_schema_limits(schema, param, max_nesting=max_nesting)
-    if not isinstance(schema.get("$schema", ""), str):  # validator_for looks it up in a dict
-        raise InvalidRequestError("invalid JSON schema: `$schema` must be a URI string", param=param)
-    try:
-        validator_for(schema).check_schema(schema)
-    except SchemaError as exc:
-        raise InvalidRequestError(f"invalid JSON schema: {exc.message}", param=param) from exc
-    except RecursionError:
-        raise InvalidRequestError("invalid JSON schema: it nests too deeply to check", param=param) from None
-    except OverflowError as exc:  # a regex repeat count past what Python's `re` takes
-        raise InvalidRequestError(f"invalid JSON schema: a pattern cannot be compiled: {exc}", param=param) from exc
+    @property
+    def json_mode(self) -> bool:
+        """The reply's content is constrained to JSON (not a forced tool call's)."""
+        return self.constraint is not None and self.constraint.is_json and not self.parser.starts_in_tool_block
 
 
 def _tool_choice(request: ChatFeatures) -> str | NamedToolChoice:
@@ -128,7 +101,7 @@ def _validate(request: ChatFeatures) -> None:
         raise InvalidRequestError(f"duplicate tool names: {duplicates}", param="tools")
     for i, tool in enumerate(request.tools or []):
         if tool.function.parameters is not None:
-            _check_schema(tool.function.parameters, f"tools[{i}].function.parameters", MAX_TOOL_PARAMETERS_NESTING)
+            check_schema(tool.function.parameters, f"tools[{i}].function.parameters", MAX_TOOL_PARAMETERS_NESTING)
     for i, message in enumerate(request.messages or []):
         for j, call in enumerate(message.tool_calls or []):
             check_nesting(
@@ -136,21 +109,33 @@ def _validate(request: ChatFeatures) -> None:
             )
     if request.citation_mode == "fast" and not request.documents:
         raise InvalidRequestError("citation_mode needs documents", param="citation_mode")
-    fmt = request.response_format
-    if fmt is not None and fmt.json_schema is not None:
-        _check_schema(fmt.json_schema.schema_, "response_format.json_schema.schema")
 
 
 def _output_constraint(request: ChatFeatures, choice: Any, forced_tool: bool) -> OutputConstraint | None:
-    fmt = request.response_format
+    """A forced tool call's schema, or the reply's own constraint (response_format or structured_outputs).
+
+    With `structured_outputs` the constraint holds the whole reply, so it cannot meet a forced tool call
+    (both would constrain the same output) nor Jamba's citation block (the grammar leaves no room to
+    write one). With tool_choice `auto` it is accepted as response_format JSON is: the model cannot
+    call a tool in that turn, as on vLLM."""
+    structured = getattr(request, "structured_outputs", None)  # generation requests only, not /tokenize
+    content = output_constraint(request.response_format, structured)
+    if structured is not None:
+        if forced_tool:
+            raise InvalidRequestError(
+                "structured_outputs cannot be combined with a required or named tool_choice: both constrain the reply",
+                param="structured_outputs",
+            )
+        if request.citation_mode == "fast":
+            raise InvalidRequestError(
+                "structured_outputs cannot be combined with citation_mode fast: the constraint leaves no room "
+                "for Jamba's citation block",
+                param="structured_outputs",
+            )
     if forced_tool:
         only = choice.function.name if isinstance(choice, NamedToolChoice) else None
-        return OutputConstraint(tool_calls_schema(request, only), "tools")
-    if fmt is None or fmt.type == "text":
-        return None
-    if fmt.json_schema is not None:
-        return OutputConstraint(fmt.json_schema.schema_, "response_format.json_schema.schema")
-    return OutputConstraint(ANY_OBJECT, "response_format")
+        return OutputConstraint("json", tool_calls_schema(request, only), "tools")
+    return content
 
 
 def _feature_labels(request: ChatFeatures) -> tuple[str, ...]:
@@ -165,6 +150,8 @@ def _feature_labels(request: ChatFeatures) -> tuple[str, ...]:
         labels.append("json_mode")
     if fmt_type == "json_schema":
         labels.append("json_schema")
+    if getattr(request, "structured_outputs", None) is not None:
+        labels.append("structured_outputs")
     return tuple(labels)
 
 
@@ -260,6 +247,8 @@ def plan_chat(request: ChatFeatures) -> ChatPlan:
         document_titles=document_titles(documents),
         citation_mode=request.citation_mode == "fast",
         starts_in_tool_block=forced_tool,
+        # A constrained reply is the grammar's text, whatever it spells: never tool calls or citations.
+        verbatim=constraint is not None and not forced_tool,
     )
     return ChatPlan(
         template_inputs=inputs,

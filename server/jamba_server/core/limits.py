@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
+from jamba_server.core.constraints import constraint_bytes
 from jamba_server.errors import InvalidRequestError, RequestTooLargeError
-from jamba_server.protocol import ChatCompletionRequest, ChatFeatures, CompletionRequest, SamplingFields
+from jamba_server.protocol import ChatCompletionRequest, ChatFeatures, CompletionRequest, ResponseFormat, SamplingFields
 from jamba_server.settings import Settings
 
 def _too_many(what: str, count: int, limit: int, param: str) -> InvalidRequestError:
@@ -27,6 +28,19 @@ def _check_sampling(request: SamplingFields, max_tokens: int | None, settings: S
         if len(stop) > settings.max_stop_length:
             raise InvalidRequestError(
                 f"a stop sequence is {len(stop)} characters (limit {settings.max_stop_length})", param="stop"
+            )
+    if request.structured_outputs is not None:
+        size = constraint_bytes(request.structured_outputs)
+        if size > settings.max_schema_bytes:
+            param = f"structured_outputs.{request.structured_outputs.kind()}"
+            raise RequestTooLargeError(f"{param} is {size} bytes (limit {settings.max_schema_bytes})", param=param)
+
+
+def _check_response_format(fmt: ResponseFormat | None, settings: Settings) -> None:
+    if fmt is not None and fmt.json_schema is not None:
+        if _schema_bytes(fmt.json_schema.schema_) > settings.max_schema_bytes:
+            raise RequestTooLargeError(
+                f"response schema over {settings.max_schema_bytes} bytes", param="response_format.json_schema.schema"
             )
 
 
@@ -52,12 +66,7 @@ def check_chat_input_limits(request: ChatFeatures, settings: Settings) -> None:
             raise RequestTooLargeError(
                 f"tool schema over {settings.max_schema_bytes} bytes", param=f"tools[{i}].function.parameters"
             )
-    fmt = request.response_format
-    if fmt is not None and fmt.json_schema is not None:
-        if _schema_bytes(fmt.json_schema.schema_) > settings.max_schema_bytes:
-            raise RequestTooLargeError(
-                f"response schema over {settings.max_schema_bytes} bytes", param="response_format.json_schema.schema"
-            )
+    _check_response_format(request.response_format, settings)
     documents = request.documents or []
     if len(documents) > settings.max_documents:
         raise _too_many("documents", len(documents), settings.max_documents, "documents")
@@ -70,3 +79,4 @@ def check_chat_input_limits(request: ChatFeatures, settings: Settings) -> None:
 
 def check_completion_limits(request: CompletionRequest, settings: Settings) -> None:
     _check_sampling(request, request.max_tokens, settings, "max_tokens")
+    _check_response_format(request.response_format, settings)

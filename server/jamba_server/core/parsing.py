@@ -11,6 +11,10 @@ small state machine fed text deltas:
 - a citation block is held until it closes (or the output ends) and becomes the citation list;
 - every other special token (`<|eom|>`, `<|bom|>`, ...) is dropped.
 
+A grammar-constrained reply (response_format JSON, structured_outputs) is parsed verbatim: its text
+is all content, so a JSON string or a regex match that spells `<tool_calls>` stays text (the engine
+bans the control tokens under a constraint, so the grammar spells such text in ordinary tokens).
+
 Feeding the whole output at once and feeding it in any split give the same result; the streaming
 property test checks exactly that.
 """
@@ -72,6 +76,7 @@ class ParserConfig:
     document_titles: tuple[str | None, ...] | None = None  # None: no documents in the request
     citation_mode: bool = False
     starts_in_tool_block: bool = False  # the prompt already ends with `<tool_calls>`
+    verbatim: bool = False  # a grammar-constrained reply: all of it is content, as generated
 
 
 _MARKER_PREFIXES = frozenset(m[:size] for m in _MARKERS for size in range(1, len(m)))
@@ -204,6 +209,8 @@ class OutputParser:
         self.citations_returned = 0
 
     def feed(self, text: str) -> ParseDelta:
+        if self.config.verbatim:
+            return ParseDelta(content=text)
         self._buffer += text
         out = ParseDelta()
         while True:

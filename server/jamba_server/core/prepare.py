@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol
 
 from jamba_server.core import prompt as prompts
+from jamba_server.core.constraints import OutputConstraint, output_constraint
 from jamba_server.core.features import ChatPlan, plan_chat
 from jamba_server.core.limits import check_chat_input_limits, check_chat_limits, check_completion_limits
 from jamba_server.core.responses import ChatAccumulator, ChatStreamer, CompletionAccumulator, CompletionStreamer
@@ -175,10 +176,10 @@ def chat_parts(body: ChatCompletionRequest, engine: EngineFacts, settings: Setti
         prompt_tokens=len(prompt.token_ids),
         max_model_len=engine.max_model_len,
         vocab_size=engine.vocab_size,
-        json_schema=plan.constraint.schema if plan.constraint else None,
-        json_schema_param=plan.constraint.param if plan.constraint else None,
+        constraint=plan.constraint,
         banned_tokens=plan.banned_tokens,
         max_tokens_cap=settings.max_tokens_limit,
+        verbatim=plan.parser.verbatim,
     )
     return ChatParts(plan, prompt, spec, engine.engine_params(spec), truncation)
 
@@ -191,7 +192,7 @@ def chat_job(parts: ChatParts, renderers: Renderers, *, stream: bool, endpoint: 
         spec=parts.spec,
         engine_params=parts.engine_params,
         features=parts.plan.feature_labels,
-        json_mode=not {"json_mode", "json_schema"}.isdisjoint(parts.plan.feature_labels),
+        json_mode=parts.plan.json_mode,
         stream=stream,
         renderers=renderers,
         endpoint=endpoint,
@@ -260,7 +261,8 @@ def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: S
         raise InvalidRequestError(
             f"too many choices: {len(items)} prompts x n={body.n} (limit {settings.max_n})", param="prompt"
         )
-    runs = [_completion_run(body, engine, settings, param, item) for param, item in items]
+    constraint = output_constraint(body.response_format, body.structured_outputs)
+    runs = [_completion_run(body, engine, settings, param, item, constraint) for param, item in items]
     choices = body.n * len(runs)
     want_logprobs = body.logprobs is not None
     echo_texts = [run.prompt.text if body.echo else "" for run in runs for _ in range(body.n)]
@@ -288,8 +290,8 @@ def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: S
         prompt=first.prompt,
         spec=first.spec,
         engine_params=first.engine_params,
-        features=(),
-        json_mode=False,
+        features=_completion_features(body),
+        json_mode=constraint is not None and constraint.is_json,
         stream=body.stream,
         include_usage=include_usage,
         return_token_ids=body.return_token_ids,
@@ -301,10 +303,15 @@ def prepare_completion(body: CompletionRequest, engine: EngineFacts, settings: S
 
 
 def _completion_run(
-    body: CompletionRequest, engine: EngineFacts, settings: Settings, param: str, item: str | list[int]
+    body: CompletionRequest,
+    engine: EngineFacts,
+    settings: Settings,
+    param: str,
+    item: str | list[int],
+    constraint: OutputConstraint | None,
 ) -> PromptRun:
     """One prompt (raw text, or token ids checked against the vocabulary) → its sampling spec (its
-    own room for max_tokens) → echo text (decoded only once the length is known to fit) → the
+    own room for max_tokens, the output constraint) → echo text (decoded only once the length is known to fit) → the
     engine's parameters. Errors name the prompt (`prompt[i]` in a list)."""
     if len(item) == 0:
         raise InvalidRequestError("a prompt must not be empty", param=param)
@@ -322,6 +329,7 @@ def _completion_run(
             prompt_tokens=len(prompt.token_ids),
             max_model_len=engine.max_model_len,
             vocab_size=engine.vocab_size,
+            constraint=constraint,
             max_tokens_cap=settings.max_tokens_limit,
         )
     except ContextLengthExceededError as exc:
@@ -358,6 +366,13 @@ def _summed(cuts: list[Truncation | None]) -> Truncation | None:
         return None
     first = cuts[0]
     return replace(first, prompt_tokens_before=sum(c.prompt_tokens_before for c in cuts), prompt_tokens=sum(c.prompt_tokens for c in cuts))
+
+
+def _completion_features(body: CompletionRequest) -> tuple[str, ...]:
+    """Metric labels, as chat's: the output constraint a completion asks for."""
+    fmt = body.response_format.type if body.response_format is not None else None
+    labels = {"json_object": ("json_mode",), "json_schema": ("json_schema",)}.get(fmt or "", ())
+    return labels + (("structured_outputs",) if body.structured_outputs is not None else ())
 
 
 def prepare_tokenize(body: TokenizeRequest, engine: EngineFacts, settings: Settings, chat_template: str) -> prompts.Prompt:

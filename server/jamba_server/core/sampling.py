@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
+from jamba_server.core.constraints import OutputConstraint
 from jamba_server.errors import ContextLengthExceededError, InvalidRequestError
 from jamba_server.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -30,8 +30,7 @@ class SamplingSpec:
     logprobs: int | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
-    json_schema: dict[str, Any] | None = None  # structured-output constraint
-    json_schema_param: str | None = None  # where the schema came from in the request
+    constraint: OutputConstraint | None = None  # structured output (JSON schema, regex, choice, grammar, tag)
     banned_tokens: tuple[str, ...] = ()  # special tokens that must not be sampled
     keep_special_tokens: bool = False  # detokenize tags too (the chat output parser strips them)
     stop_token_ids: tuple[int, ...] = ()  # besides the model's end-of-turn tokens
@@ -107,11 +106,13 @@ def sampling_spec(
     prompt_tokens: int,
     max_model_len: int,
     vocab_size: int,
-    json_schema: dict[str, Any] | None = None,
-    json_schema_param: str | None = None,
+    constraint: OutputConstraint | None = None,
     banned_tokens: tuple[str, ...] = (),
     max_tokens_cap: int | None = None,
+    verbatim: bool = False,
 ) -> SamplingSpec:
+    """`verbatim`: a chat reply returned as generated (a constrained one), so detokenized without
+    special tokens (a stop token kept by include_stop_str_in_output would otherwise be its text)."""
     if isinstance(request, ChatCompletionRequest):
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
     else:
@@ -139,10 +140,9 @@ def sampling_spec(
         logprobs=logprobs,
         min_tokens=request.min_tokens or 0,
         ignore_eos=request.ignore_eos,
-        json_schema=json_schema,
-        json_schema_param=json_schema_param,
+        constraint=constraint,
         banned_tokens=banned_tokens,
-        keep_special_tokens=_keep_special_tokens(request),
+        keep_special_tokens=_keep_special_tokens(request) and not verbatim,
         stop_token_ids=_token_ids(request.stop_token_ids, vocab_size, "stop_token_ids"),
         include_stop_str_in_output=request.include_stop_str_in_output,
         bad_words=tuple(request.bad_words or ()),

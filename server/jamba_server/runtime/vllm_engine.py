@@ -10,6 +10,7 @@ import asyncio
 import logging
 import math
 import os
+import re
 from contextlib import aclosing
 from typing import Any, AsyncIterator
 
@@ -26,6 +27,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
 
+from jamba_server.core.constraints import OutputConstraint
 from jamba_server.core.outputs import ChoiceDelta, EngineStep, PromptLogprobs, PromptTokenLogprob, TokenLogprob
 from jamba_server.core.prompt import control_spellings
 from jamba_server.core.sampling import SamplingSpec
@@ -84,6 +86,8 @@ class EngineAdapter:
         self.max_model_len = 0
         self.vocab_size = 0
         self._stop_token_ids: list[int] = []
+        self._control_token_ids: list[int] = []
+        self._special_token_ids: list[int] = []
         # In-flight engine request ids → why we aborted them (None while running normally).
         self._active: dict[str, str | None] = {}
 
@@ -102,6 +106,7 @@ class EngineAdapter:
         control_spellings(tokenizer)  # the prompt builder's per-tokenizer setup, at start-up
         self._stop_token_ids = [i for i in map(self.token_id, STOP_TOKENS) if i is not None]
         self._control_token_ids = _control_char_tokens(tokenizer)
+        self._special_token_ids = _special_tokens(tokenizer)
         return tokenizer
 
     def start(self) -> None:
@@ -136,12 +141,21 @@ class EngineAdapter:
             if token_id is not None:
                 logit_bias[token_id] = -100.0
         structured = None
-        if spec.json_schema is not None:
-            structured = StructuredOutputsParams(json=spec.json_schema)
-            # xgrammar 0.2.8's JSON strings admit raw control characters, which strict JSON
-            # parsers reject; with no free whitespace no such token is ever needed.
-            for token_id in self._control_token_ids:
-                logit_bias[token_id] = -100.0
+        if spec.constraint is not None:
+            structured = StructuredOutputsParams(**spec.constraint.vllm_fields())
+            # xgrammar matches a control token against the text it spells (`<tool_calls>` for a
+            # grammar's "<tool_calls>"), and a detokenizer that skips special tokens then drops that
+            # text: the output would not match its constraint. Constrained output spells them in text.
+            ends = set(spec.stop_token_ids) | set(self._stop_token_ids)
+            for token_id in self._special_token_ids:
+                if token_id not in ends:
+                    logit_bias[token_id] = -100.0
+            if spec.constraint.free_text_is_json:
+                # xgrammar 0.2.8's JSON strings admit raw control characters, which strict JSON
+                # parsers reject; with no free whitespace no such token is ever needed. (A regex,
+                # grammar or tag's free text may ask for a newline: those are the client's to write.)
+                for token_id in self._control_token_ids:
+                    logit_bias[token_id] = -100.0
         params = SamplingParams(
             n=spec.n,
             max_tokens=spec.max_tokens,
@@ -170,16 +184,8 @@ class EngineAdapter:
             # FINAL_ONLY's one output is the whole completion: a delta from nothing, as `generate` reads it.
             output_kind=RequestOutputKind.FINAL_ONLY if spec.final_only else RequestOutputKind.DELTA,
         )
-        if structured is not None:
-            # Compile-check the schema with vLLM's own xgrammar validation, so a schema the grammar
-            # backend cannot handle is the client's 400 naming the field, not an engine error.
-            try:
-                validate_xgrammar_grammar(params)
-            except (ValueError, RuntimeError, VLLMClientError) as exc:
-                raise InvalidRequestError(
-                    f"the JSON schema cannot be compiled into a grammar: {exc}",
-                    param=spec.json_schema_param,
-                ) from exc
+        if spec.constraint is not None:
+            check_constraint(params, spec.constraint)
         return params
 
     def engine_params(self, spec: SamplingSpec) -> SamplingParams:
@@ -270,6 +276,44 @@ def engine_prompt(prompt_token_ids: list[int], cache_salt: str | None = None) ->
     if cache_salt is not None:
         prompt["cache_salt"] = cache_salt
     return prompt
+
+
+_CONSTRAINT_NAMES = {
+    "json": "the JSON schema",
+    "regex": "the regex",
+    "choice": "the choices",
+    "grammar": "the grammar",
+    "structural_tag": "the structural tag",
+}
+
+
+def check_constraint(params: SamplingParams, constraint: OutputConstraint) -> None:
+    """Compile-check the output constraint with vLLM's own xgrammar validation (the check vLLM's
+    server runs before admission), so a schema, regex, grammar or tag the grammar backend cannot take
+    is the client's 400 naming the field, not an engine error. Needs no engine."""
+    try:
+        validate_xgrammar_grammar(params)
+    except (ValueError, RuntimeError, VLLMClientError) as exc:
+        message, cause = _xgrammar_message(exc), exc.__cause__
+        if cause is not None and _xgrammar_message(cause) not in message:
+            message = f"{message.rstrip('.')}: {_xgrammar_message(cause)}"
+        raise InvalidRequestError(
+            f"{_CONSTRAINT_NAMES[constraint.kind]} cannot be compiled by the grammar backend: {message}",
+            param=constraint.param,
+        ) from exc
+
+
+# xgrammar's errors start with a time and a source location: `[15:00:34] /project/cpp/x.cc:83: `.
+_XGRAMMAR_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
+
+
+def _xgrammar_message(exc: BaseException) -> str:
+    return _XGRAMMAR_PREFIX.sub("", str(exc)).strip()
+
+
+def _special_tokens(tokenizer: Any) -> list[int]:
+    """Ids of the tokenizer's special and added tokens (Jamba's control tokens)."""
+    return sorted(set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder))
 
 
 def _control_char_tokens(tokenizer: Any) -> list[int]:
