@@ -44,6 +44,21 @@ PERSON_SCHEMA = {
     "required": ["name", "born", "role"],
     "additionalProperties": False,
 }
+
+
+def answer_tag(tag: str, schema: dict) -> dict:
+    """A structural tag (vLLM's `structured_outputs.structural_tag`): `Answer: ` then `<tag>`, a JSON
+    value of `schema`, `</tag>`."""
+    return {
+        "type": "structural_tag",
+        "format": {
+            "type": "sequence",
+            "elements": [
+                {"type": "const_string", "value": "Answer: "},
+                {"type": "tag", "begin": f"<{tag}>", "content": {"type": "json_schema", "json_schema": schema}, "end": f"</{tag}>"},
+            ],
+        },
+    }
 CONTROL_IDS = set(range(14))  # the dev tokenizer's added tokens: <|pad|> ... </citations>
 LONG_CONTEXT_ARGS = ("--max-model-len", "262144")
 LONG_MAX_TOKENS = 250_000

@@ -11,7 +11,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.support import MODEL_NAME, PERSON_SCHEMA
+from tests.support import MODEL_NAME, PERSON_SCHEMA, answer_tag
 
 MSG = [{"role": "user", "content": "Answer please."}]
 PROMPT = "The answer is"
@@ -20,16 +20,7 @@ REGEX = r"[a-z]{2,6}-[0-9]{2,4}"
 # A tiny list grammar, bounded (at most three items), in xgrammar's EBNF and in Lark.
 LIST_EBNF = 'root ::= "[" item ("," item)? ("," item)? "]"\nitem ::= [a-z] [a-z]? [a-z]? | [0-9] [0-9]?'
 LIST_LARK = 'start: "[" item ("," item)? ("," item)? "]"\nitem: /[a-z]{1,3}/ | /[0-9]{1,2}/'
-TAG = {
-    "type": "structural_tag",
-    "format": {
-        "type": "sequence",
-        "elements": [
-            {"type": "const_string", "value": "Answer: "},
-            {"type": "tag", "begin": "<person>", "content": {"type": "json_schema", "json_schema": PERSON_SCHEMA}, "end": "</person>"},
-        ],
-    },
-}
+TAG = answer_tag("person", PERSON_SCHEMA)
 TAG_OUTPUT = re.compile(r"Answer: <person>(.*)</person>", re.S)
 
 

@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 from jamba_server.core.batch import BATCH_URLS, LineSelector
 from jamba_server.core.outputs import ChoiceDelta, EngineStep
 from jamba_server.errors import ServiceUnavailableError
+from jamba_server.metrics import GENERATION_REQUESTS
 from jamba_server.runtime.batch import ENDPOINTS, BatchRun, EngineFailed, LineWriter, Progress, open_output
 from jamba_server.runtime.server import Server
 from jamba_server.settings import Settings
@@ -205,3 +206,40 @@ def test_no_progress_bar_when_disabled(monkeypatch):
     progress.advance(40)
     progress.close()
     assert shown.getvalue() == ""
+
+
+def test_a_full_admission_queue_is_waited_out_and_each_line_counted_once(tmp_path, tokenizer):
+    """Lines of two prompts each fill a one-place queue faster than the line bound expects: the 429s
+    are waited out inside the line, which is prepared and counted once."""
+    counted = GENERATION_REQUESTS.labels("tiny", "completions")
+    before = counted._value.get()
+    batch, path = make_run(tmp_path, FakeEngine(tokenizer, tokens=20), max_queued_requests=1)
+    lines = [request(f"r{i}", "/v1/completions", {"model": "tiny", "prompt": ["hi", "yo"], "max_tokens": 20}) for i in range(6)]
+    run_lines(batch, lines, tmp_path)
+    out = read_output(path)
+    assert sorted(out) == [f"r{i}" for i in range(6)] and all(line["response"]["status_code"] == 200 for line in out.values())
+    assert all(len(line["response"]["body"]["choices"]) == 2 for line in out.values())
+    assert counted._value.get() - before == 6
+
+
+def test_a_cancelled_run_ends_its_lines_in_flight_unwritten_before_it_returns(tmp_path, tokenizer):
+    """SIGTERM cancels the run: the lines in generation are cancelled (none written half-way, none
+    left running into the engine's shutdown)."""
+    engine = FakeEngine(tokenizer, tokens=10**9)
+    batch, path = make_run(tmp_path, engine)
+    source = tmp_path / "in.jsonl"
+    lines = [request(f"r{i}", "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 1000}) for i in range(6)]
+    source.write_text("".join(text + "\n" for text in lines), encoding="utf-8")
+
+    async def cancelled_midway() -> None:
+        with source.open("rb") as file:
+            run = asyncio.create_task(batch.run(file))
+            while engine.running < engine.max_num_seqs:
+                await asyncio.sleep(0)
+            run.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await run
+        assert engine.running == 0
+
+    asyncio.run(cancelled_midway())
+    assert read_output(path) == {}

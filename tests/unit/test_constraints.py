@@ -20,6 +20,7 @@ from jamba_server.http.errors import validation_error
 from jamba_server.protocol import ChatCompletionRequest, CompletionRequest, StructuredOutputs
 from jamba_server.runtime.vllm_engine import EngineAdapter
 from jamba_server.settings import DEFAULT_TEMPLATE, Settings
+from tests.support import answer_tag
 
 TEMPLATE = DEFAULT_TEMPLATE.read_text(encoding="utf-8")
 SPECIAL = set(range(14))  # the dev tokenizer's control tokens; 2 and 5 end a turn
@@ -28,16 +29,7 @@ SETTINGS = Settings(model="m", max_tokens_limit=64)
 MSG = [{"role": "user", "content": "hi"}]
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-TAG = {
-    "type": "structural_tag",
-    "format": {
-        "type": "sequence",
-        "elements": [
-            {"type": "const_string", "value": "Answer: "},
-            {"type": "tag", "begin": "<f>", "content": {"type": "json_schema", "json_schema": SCHEMA}, "end": "</f>"},
-        ],
-    },
-}
+TAG = answer_tag("f", SCHEMA)
 
 
 def chat(**fields) -> ChatCompletionRequest:

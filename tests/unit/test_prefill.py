@@ -126,6 +126,8 @@ def test_add_generation_prompt_false_ends_at_the_last_turn(engine):
         ({"response_format": {"type": "json_object"}, **PREFILL}, "response_format", "continue_final_message"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}}, **PREFILL},
          "response_format", "continue_final_message"),
+        ({"structured_outputs": {"json": {"type": "object"}}, **PREFILL}, "structured_outputs", "continue_final_message"),
+        ({"structured_outputs": {"json_object": True}, **PREFILL}, "structured_outputs", "continue_final_message"),
         ({"tools": TOOLS, "tool_choice": "required", **PREFILL}, "tool_choice", "continue_final_message"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "f"}}, **PREFILL}, "tool_choice", "continue_final_message"),
         ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "A"}],
@@ -139,6 +141,12 @@ def test_what_a_prefill_cannot_be_is_a_400_naming_the_field(fields, param, words
     with pytest.raises(InvalidRequestError) as refused:
         plan_chat(body)
     assert refused.value.param == param and words in refused.value.message
+
+
+def test_a_prefill_may_be_continued_under_a_regex_or_grammar():
+    for structured in ({"regex": "[a-z ]+"}, {"choice": ["yes", "no"]}, {"grammar": 'root ::= "a"'}):
+        plan = plan_chat(chat(messages=[*ASK, {"role": "assistant", "content": "Sure"}], structured_outputs=structured, **PREFILL))
+        assert plan.continue_final_message and plan.constraint is not None
 
 
 def test_tool_choice_none_and_auto_go_with_a_prefill():

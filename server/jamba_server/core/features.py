@@ -155,7 +155,17 @@ def _feature_labels(request: ChatFeatures) -> tuple[str, ...]:
     return tuple(labels)
 
 
-def _check_prompt_end(request: ChatFeatures, json_mode: bool, forced_tool: bool) -> None:
+def _json_output_param(request: ChatFeatures, json_mode: bool) -> str | None:
+    """The field that asks for a whole JSON reply, if one does."""
+    if json_mode:
+        return "response_format"
+    structured = getattr(request, "structured_outputs", None)  # generation requests only, not /tokenize
+    if structured is not None and (structured.json_ is not None or structured.json_object):
+        return "structured_outputs"
+    return None
+
+
+def _check_prompt_end(request: ChatFeatures, json_output: str | None, forced_tool: bool) -> None:
     """`add_generation_prompt` / `continue_final_message` (vLLM's fields, vLLM's errors), and what
     cannot follow them: a forced tool call opens the assistant turn the generation prompt starts;
     with a prefill, the output constraint (JSON mode, a forced call) would hold the continuation
@@ -188,11 +198,11 @@ def _check_prompt_end(request: ChatFeatures, json_mode: bool, forced_tool: bool)
         raise InvalidRequestError(
             "the message to continue has citations: they belong to a finished answer", param=f"messages[{last}].citations"
         )
-    if json_mode:
+    if json_output is not None:
         raise InvalidRequestError(
             "a JSON output format cannot be combined with an assistant prefill (continue_final_message): the "
             "format would hold the continuation alone, not the prefilled message",
-            param="response_format",
+            param=json_output,
         )
     if forced_tool:
         raise InvalidRequestError(
@@ -220,7 +230,7 @@ def plan_chat(request: ChatFeatures) -> ChatPlan:
             "response_format JSON cannot be combined with a required or named tool_choice",
             param="response_format",
         )
-    _check_prompt_end(request, json_mode, forced_tool)
+    _check_prompt_end(request, _json_output_param(request, json_mode), forced_tool)
 
     inputs: dict[str, Any] = {"conversation": [_with_citations(m) for m in request.messages]}
     if request.tools and choice != "none":

@@ -35,14 +35,16 @@ from jamba_server.core.batch import (
     result_line,
     written_lines,
 )
+from jamba_server.core.outputs import EngineStep
 from jamba_server.core.prepare import EngineFacts, GenerationJob, prepare_chat, prepare_completion
-from jamba_server.core.sampling import SamplingSpec
 from jamba_server.core.responses_api import prepare_responses
+from jamba_server.core.sampling import SamplingSpec
 from jamba_server.errors import APIError, InternalServerError, RateLimitError, RequestTooLargeError, invalid_body
 from jamba_server.metrics import record_rejection
 from jamba_server.protocol import ChatCompletionRequest, CompletionRequest
 from jamba_server.responses_protocol import ResponsesRequest
 from jamba_server.runtime.generation import engine_request_for, prepare_sized, record_result, run_to_end
+from jamba_server.runtime.runner import EngineRequest
 from jamba_server.runtime.server import Server
 
 logger = logging.getLogger(__name__)
@@ -114,21 +116,18 @@ class Outcome:
 async def run_request(server: Server, request: BatchRequest) -> Outcome:
     """One request line → its output line, whatever happens to it (a dead engine is `EngineFailed`)."""
     endpoint = ENDPOINTS[request.url]
-    while True:
-        try:
-            return await _generate(server, endpoint, request)
-        except RateLimitError:
-            await asyncio.sleep(server.admission.retry_after)  # capacity is transient: wait, never an error line
-        except APIError as exc:
-            if server.engine.dead:
-                raise EngineFailed("the engine died") from exc
-            record_rejection(exc.status_code, exc.code)
-            return _failed(request, endpoint, exc)
-        except Exception as exc:  # noqa: BLE001 - a line's own failure never ends the batch
-            logger.exception("batch line %d (%s) failed", request.line_number, request.custom_id)
-            if server.engine.dead:
-                raise EngineFailed("the engine died") from exc
-            return _failed(request, endpoint, InternalServerError("The request failed inside the server."))
+    try:
+        return await _generate(server, endpoint, request)
+    except APIError as exc:
+        if server.engine.dead:
+            raise EngineFailed("the engine died") from exc
+        record_rejection(exc.status_code, exc.code)
+        return _failed(request, endpoint, exc)
+    except Exception as exc:  # noqa: BLE001 - a line's own failure never ends the batch
+        logger.exception("batch line %d (%s) failed", request.line_number, request.custom_id)
+        if server.engine.dead:
+            raise EngineFailed("the engine died") from exc
+        return _failed(request, endpoint, InternalServerError("The request failed inside the server."))
 
 
 def _failed(request: BatchRequest, endpoint: Endpoint, error: APIError) -> Outcome:
@@ -151,12 +150,23 @@ async def _generate(server: Server, endpoint: Endpoint, request: BatchRequest) -
     deadline = None if settings.request_timeout is None else loop.time() + settings.request_timeout
     request_id, engine_request = engine_request_for(server, job, time.perf_counter(), deadline)
     result = job.renderers.accumulator(request_id, server.model_name)
-    await run_to_end(server.runner, engine_request, result.add)
+    await _run_when_admitted(server, engine_request, result.add)
     response = result.build(engine_request.prompt_ids if job.return_token_ids else None)
     record_result(server, job, result)
     body_json = response.model_dump(mode="json", by_alias=True)
     line = result_line(request.custom_id, 200, request_id, body_json)
     return Outcome(line, result.usage().completion_tokens)
+
+
+async def _run_when_admitted(server: Server, engine_request: EngineRequest, on_step: Callable[[EngineStep], Any]) -> None:
+    """Run the prepared request to the end. Admission's 429 (its queue full: lines of several
+    sequences each can fill it) is transient here: wait and ask again, never an error line, and the
+    line is prepared and counted once."""
+    while True:
+        try:
+            return await run_to_end(server.runner, engine_request, on_step)
+        except RateLimitError:
+            await asyncio.sleep(server.admission.retry_after)
 
 
 # ------------------------------------------------------------------ files
@@ -280,8 +290,20 @@ class BatchRun:
         return max(1, admission.max_running + min(admission.max_queued, admission.max_running))
 
     async def run(self, file: IO[bytes]) -> None:
-        slots = asyncio.Semaphore(self.concurrency())
+        """Every input line to the output; cancelled (SIGINT, SIGTERM), the lines in flight are
+        cancelled and unwritten before the engine is shut down, so `--resume` runs them again."""
         tasks: set[asyncio.Task[None]] = set()
+        try:
+            await self._run_lines(file, tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self.fatal is not None:
+            raise self.fatal
+
+    async def _run_lines(self, file: IO[bytes], tasks: set[asyncio.Task[None]]) -> None:
+        slots = asyncio.Semaphore(self.concurrency())
         async for number, raw in input_lines(file):
             chosen = self.selector.select(parse_line(raw, number))
             if chosen is None:
@@ -299,8 +321,6 @@ class BatchRun:
             if self.fatal is not None:
                 break
         await asyncio.gather(*tasks)
-        if self.fatal is not None:
-            raise self.fatal
 
     async def _run_line(self, request: BatchRequest, slots: asyncio.Semaphore) -> None:
         try:
