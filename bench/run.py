@@ -27,6 +27,7 @@ import psutil
 import uvloop
 
 import client
+import rag
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -130,10 +131,11 @@ def server_command(system: str, port: int) -> list[str]:
     ]  # fmt: skip
 
 
-def start_http_system(system: str) -> tuple[subprocess.Popen, str]:
+def start_http_system(system: str, *extra_args: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log_file = (RESULTS / f"{system}.log").open("wb")
-    proc = subprocess.Popen(server_command(system, port), cwd=REPO, env=ENV, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    command = [*server_command(system, port), *extra_args]
+    proc = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -390,19 +392,23 @@ def run_bulk(system: str, source: Path, lines: int) -> dict:
     proc = subprocess.Popen(bulk_command(system, source, output), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
     ready: list[float] = []
+    cpu = CpuWatch(proc.pid)
 
     def follow() -> None:
         for text in proc.stdout:
             log_file.write(text)
             if not ready and BULK_READY[system] in text:
                 ready.append(time.perf_counter())
+                cpu.mark()
 
     reader = threading.Thread(target=follow, daemon=True)
     reader.start()
     try:
         while whole_lines(output) < lines and proc.poll() is None:
             time.sleep(0.02)
+            cpu.sample()
         done = time.perf_counter()
+        cpu.sample()
         proc.wait(120)
     finally:
         stop(proc)
@@ -414,7 +420,34 @@ def run_bulk(system: str, source: Path, lines: int) -> dict:
     ok = [e for e in entries if e["response"] and e["response"]["status_code"] == 200]
     tokens = sum(e["response"]["body"]["usage"]["completion_tokens"] for e in ok)
     seconds = done - ready[0]
-    return {"output_tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens, "errors": len(entries) - len(ok)}
+    return {"output_tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens, "errors": len(entries) - len(ok),
+            "frontend_cpu_ms_per_token": 1000 * cpu.used() / tokens if tokens else None}  # fmt: skip
+
+
+class CpuWatch:
+    """CPU seconds of the batch runner's own process (not its engine core or worker) from `mark()`
+    (the engine up) to the last `sample()` while it was alive: vLLM's runner writes its output at the
+    end and exits, so the figure is the last one read before that."""
+
+    def __init__(self, pid: int):
+        self.pid, self.start, self.last = pid, None, None
+
+    def mark(self) -> None:
+        self.start = self._read()
+
+    def sample(self) -> None:
+        value = self._read()
+        if value is not None:
+            self.last = value
+
+    def used(self) -> float:
+        return (self.last or 0.0) - (self.start or 0.0)
+
+    def _read(self) -> float | None:
+        try:
+            return cpu_seconds(self.pid)
+        except psutil.Error:
+            return None
 
 
 def run_bulk_rounds(quick: bool, rounds: int) -> dict:
@@ -435,6 +468,8 @@ def run_bulk_rounds(quick: bool, rounds: int) -> dict:
         "lines": BULK_LINES[quick], "max_tokens": MAX_TOKENS, "runs": runs,
         "median_tokens_per_s": {name: statistics.median(r["output_tokens_per_s"] for r in rs) for name, rs in runs.items()},
         "a_over_b_per_round": ratios, "a_over_b": statistics.median(ratios),
+        "frontend_cpu_a_over_b_per_round": [ratio(a["frontend_cpu_ms_per_token"], b["frontend_cpu_ms_per_token"])
+                                            for a, b in zip(runs["jamba-server"], runs["vllm"])],
     }  # fmt: skip
 
 
@@ -442,6 +477,56 @@ def print_bulk(bulk: dict) -> None:
     rounds = ", ".join(f"{a['output_tokens_per_s']:.0f}/{b['output_tokens_per_s']:.0f}" for a, b in zip(bulk["runs"]["jamba-server"], bulk["runs"]["vllm"]))
     print(f"bulk ({bulk['lines']} chat lines x {bulk['max_tokens']} tokens): run-batch tok/s jamba-server/vLLM per round {rounds}; "
           f"a/b per round {', '.join(f'{r:.2f}' for r in bulk['a_over_b_per_round'])}; median a/b {bulk['a_over_b']:.2f}")  # fmt: skip
+    cpu = ", ".join(f"{a['frontend_cpu_ms_per_token']:.3f}/{b['frontend_cpu_ms_per_token']:.3f}" for a, b in zip(bulk["runs"]["jamba-server"], bulk["runs"]["vllm"]))
+    print(f"bulk front-end CPU ms per output token, jamba-server/vLLM per round: {cpu}")  # fmt: skip
+
+
+# ------------------------------------------------------------------ multi-turn RAG: prefix cache on vs off
+
+
+def rag_rounds(repeats: int) -> int:
+    """Two server starts a round (~3 min here): 2 or 3 rounds."""
+    return min(3, max(2, repeats))
+
+
+def run_rag_rounds(rounds: int) -> dict:
+    """jamba-server with the prefix cache on and off (fresh server each time, the order alternating
+    between rounds), both document placements each time; every round's numbers are kept."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    docs = {p: [rag.document(100 * i + c, rag.DOC_TOKENS, count) for c in range(rag.CONVERSATIONS)]
+            for i, p in enumerate(rag.PLACEMENTS)}  # fmt: skip
+    modes = {"cache_on": "--enable-prefix-caching", "cache_off": "--no-enable-prefix-caching"}
+    runs: dict[str, dict[str, list[dict]]] = {m: {p: [] for p in rag.PLACEMENTS} for m in modes}
+    for r in range(rounds):
+        for mode in list(modes) if r % 2 == 0 else list(modes)[::-1]:
+            proc, base = start_http_system("jamba-server", modes[mode])
+            try:
+                for placement in rag.PLACEMENTS:
+                    point = asyncio.run(rag.rag_point(base, NAME, docs[placement], placement))
+                    runs[mode][placement].append(point)
+                    log(f"rag round {r + 1}/{rounds}: {mode} {placement}: TTFT p50 by turn "
+                        f"{', '.join(f'{v:.3f}' if v is not None else '-' for v in point['ttft_p50_by_turn'])} s, "
+                        f"{point['failed_turns']} failed turns")  # fmt: skip
+            finally:
+                stop(proc)
+    summary = {}
+    for placement in rag.PLACEMENTS:
+        per_round = [ratio(on["ttft_p50_turns_2_4"], off["ttft_p50_turns_2_4"])
+                     for on, off in zip(runs["cache_on"][placement], runs["cache_off"][placement])]  # fmt: skip
+        summary[placement] = {"on_over_off_turns_2_4_per_round": per_round,
+                              "on_over_off_turns_2_4": statistics.median(v for v in per_round if v is not None)}  # fmt: skip
+    return {"conversations": rag.CONVERSATIONS, "turns": rag.TURNS, "doc_tokens": rag.DOC_TOKENS,
+            "reply_tokens": rag.REPLY_TOKENS, "runs": runs, "summary": summary}  # fmt: skip
+
+
+def print_rag(result: dict) -> None:
+    for placement, s in result["summary"].items():
+        rounds = ", ".join(f"{v:.2f}" if v is not None else "-" for v in s["on_over_off_turns_2_4_per_round"])
+        print(f"rag ({placement}): turns 2-4 TTFT p50 cache on / off per round {rounds}; median {s['on_over_off_turns_2_4']:.2f} "
+              f"(goal <= 0.33)")  # fmt: skip
 
 
 def main() -> None:
@@ -449,6 +534,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--bulk-only", action="store_true", help="only the bulk point (run-batch vs vLLM's run_batch)")
+    parser.add_argument("--rag-only", action="store_true", help="only the multi-turn RAG point (prefix cache on vs off)")
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 5)
     bulk_rounds = max(2, repeats)  # at least one round in each order
@@ -459,14 +545,20 @@ def main() -> None:
         (RESULTS / "bulk.json").write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), **bulk}, indent=2))
         print_bulk(bulk)
         return
+    if args.rag_only:
+        rag_result = run_rag_rounds(rag_rounds(repeats))
+        (RESULTS / "rag.json").write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), **rag_result}, indent=2))
+        print_rag(rag_result)
+        return
     systems, ratios = run_rounds(args.quick, repeats)
     bulk = run_bulk_rounds(args.quick, bulk_rounds)
+    rag_result = run_rag_rounds(rag_rounds(repeats))
     results = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"), "duration_s": round(time.time() - started),
         "quick": args.quick, "repeats": repeats, "max_tokens": MAX_TOKENS, "engine_args": ENGINE_ARGS,
         "machine": {"cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30),
                     "cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
-        "systems": systems, "ratios": ratios, "bulk": bulk,
+        "systems": systems, "ratios": ratios, "bulk": bulk, "rag": rag_result,
     }  # fmt: skip
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
     plot(results, RESULTS / "latest.png")
@@ -482,6 +574,7 @@ def main() -> None:
     for name, r in ratios.items():
         print(f"{name:22} a/b tok/s {r['tokens_per_s_a_over_b'] or 0:.3f}   a/c tok/s {r['tokens_per_s_a_over_c'] or 0:.3f}   a/b TTFT p99 {r['ttft_p99_a_over_b'] or 0:.3f}")
     print_bulk(bulk)
+    print_rag(rag_result)
 
 
 if __name__ == "__main__":
