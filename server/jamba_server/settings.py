@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from jamba_server.core.tenancy import Isolation, check_groups_match_keys, check_prefix_cache_groups
 from jamba_server.http.auth import MIN_API_KEY_LENGTH, check_api_keys
 
 ENV_PREFIX = "JAMBA_"
@@ -101,6 +102,21 @@ class Settings(BaseModel):
     # iterate as one-character keys); empty means an open server.
     api_keys: list[str] = Field(default_factory=list, repr=False)
     metrics_require_auth: bool = False
+    # Prefix-cache tenants (core/tenancy.py): with 2+ keys, each key's requests share cached blocks
+    # only among themselves (`key`), or among the keys of a group (`group`); `off` is vLLM's sharing.
+    prefix_cache_isolation: Isolation = "key"
+    # Group name -> the SHA-256 fingerprints (hex) of its keys: the keys themselves stay in one place.
+    prefix_cache_groups: dict[str, list[str]] = Field(default_factory=dict)
+
+    @field_validator("prefix_cache_groups")
+    @classmethod
+    def _groups_name_fingerprints(cls, groups: dict[str, list[str]]) -> dict[str, list[str]]:
+        return check_prefix_cache_groups(groups)
+
+    @model_validator(mode="after")
+    def _groups_name_configured_keys(self) -> "Settings":
+        check_groups_match_keys(self.prefix_cache_groups, self.prefix_cache_isolation, self.api_keys)
+        return self
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -203,6 +219,7 @@ _SCALAR_FIELDS: dict[str, Any] = {
     "responses_store_max_bytes": int,
     "responses_store_ttl": float,
     "metrics_require_auth": bool,
+    "prefix_cache_isolation": str,
 }
 
 
@@ -220,6 +237,18 @@ def _parse_key_value(item: str) -> tuple[str, Any]:
     if not sep or not key:
         raise SettingsError(f"expected KEY=VALUE, got {item!r}")
     return key.strip().replace("-", "_"), yaml.safe_load(raw)
+
+
+def _cache_groups(items: list[str]) -> dict[str, list[str]]:
+    """`NAME=SHA256[,SHA256...]` items (flags, or the environment's `;`-separated list) → groups;
+    a name given again replaces its earlier list, as a later setting wins."""
+    groups: dict[str, list[str]] = {}
+    for item in filter(None, (item.strip() for item in items)):
+        name, sep, fingerprints = item.partition("=")
+        if not sep or not name.strip():
+            raise SettingsError("prefix cache groups: expected NAME=SHA256[,SHA256...] (the value is not shown)")
+        groups[name.strip()] = [fp for fp in (part.strip() for part in fingerprints.split(",")) if fp]
+    return groups
 
 
 def _read_key_file(path: str) -> list[tuple[str, str]]:
@@ -312,6 +341,7 @@ _FLAG_HELP: dict[str, tuple[str, str]] = {
     "max_documents": ("limits", "documents per request"),
     "max_document_chars": ("limits", "characters of document text per request"),
     "metrics_require_auth": ("auth", "require an API key for /metrics"),
+    "prefix_cache_isolation": ("auth", "prefix cache shared per API key (key), per --prefix-cache-group (group), or by all (off)"),
     "log_level": ("logging", "debug, info, warning or error"),
     "log_format": ("logging", "json or text"),
     "log_request_content": ("logging", "log prompts and outputs (off: only counts and ids)"),
@@ -407,6 +437,11 @@ def build_arg_parser(prog: str = "jamba-server", description: str = SERVER_DESCR
         "--api-key-file", dest="api_key_file", default=None, metavar="PATH",
         help=f"file with one API key per line; env {ENV_PREFIX}API_KEY_FILE",
     )  # fmt: skip
+    groups["auth"].add_argument(
+        "--prefix-cache-group", dest="prefix_cache_group", action="append", default=[], metavar="NAME=SHA256[,SHA256...]",
+        help="with --prefix-cache-isolation group: keys (by SHA-256 fingerprint, `printf %%s KEY | sha256sum`) "
+        f"that share one prefix cache (repeatable); env {ENV_PREFIX}PREFIX_CACHE_GROUPS (groups separated by ;)",
+    )  # fmt: skip
     groups["engine"].add_argument(
         "--engine-arg", dest="engine_arg", action="append", default=[], metavar="KEY=VALUE",
         help="any other vLLM engine argument (value parsed as YAML), repeatable",
@@ -433,6 +468,9 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
         engine_args = dict(values.get("engine_args") or {})
         engine_args.update(_parse_key_value(item) for item in args.engine_arg)
         values["engine_args"] = engine_args
+    groups = _cache_groups(environ.get(ENV_PREFIX + "PREFIX_CACHE_GROUPS", "").split(";") + list(args.prefix_cache_group))
+    if groups:
+        values["prefix_cache_groups"] = {**(values.get("prefix_cache_groups") or {}), **groups}
     keys = _preset_api_keys(values.pop("api_keys", None), config_path)
     env_keys = environ.get(ENV_PREFIX + "API_KEYS", "").split(",")
     keys += [(k.strip(), f"{ENV_PREFIX}API_KEYS, item {i}") for i, k in enumerate(env_keys, 1) if k.strip()]

@@ -54,3 +54,11 @@ def test_short_keys_are_refused_without_showing_them():
     for single in "sk-live-SECRET":
         with pytest.raises(ValueError):
             ApiKeyChecker([single])
+
+
+def test_match_names_the_key_sent_by_position_either_header():
+    checker = ApiKeyChecker([K1, K2])
+    assert checker.match(f"Bearer {K1}") == 0 and checker.match(None, K2) == 1
+    assert checker.match(f"Bearer {K2}", K1) == 1  # both headers: the bearer's key counts
+    assert checker.match("Bearer sk-test-key-three-0123456789", K1) == 0  # a wrong bearer, a right x-api-key
+    assert checker.match("Bearer sk-test-key-three-0123456789", "") is None and checker.match(None) is None

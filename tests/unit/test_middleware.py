@@ -1,17 +1,19 @@
 """The request middleware's last resort: an exception no handler mapped is a 500 with the request id,
-counted as 500 (not as a client that left), and its traceback logged once, bounded."""
+counted as 500 (not as a client that left), and its traceback logged once, bounded; the key check's
+401s, and the tenant an accepted key leaves for the routes."""
 
 import logging
 
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
+from jamba_server.core.tenancy import cache_tenants
 from jamba_server.http.auth import ApiKeyChecker
 from jamba_server.logs import MAX_TRACEBACK_CHARS, bounded_traceback
-from jamba_server.http.middleware import RequestContextMiddleware
+from jamba_server.http.middleware import RequestContextMiddleware, request_tenant
 
 
 def _recurse(n: int) -> int:
@@ -119,3 +121,22 @@ def test_errors_the_middleware_answers_speak_the_paths_protocol():
     assert openai.status_code == 401 and openai.json()["error"]["code"] == "invalid_api_key"
     assert "Authorization: Bearer" in openai.json()["error"]["message"]
     assert allowed.status_code == 404  # through the key check to the (empty) app
+
+
+def test_the_key_sent_leaves_its_tenant_for_the_routes_and_its_name_in_the_access_log(caplog):
+    keys = ["sk-tenant-a-0123456789abcdef", "sk-tenant-b-0123456789abcdef"]
+    tenants = cache_tenants(keys, "key")
+    app = FastAPI()
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=1 << 20, auth=ApiKeyChecker(keys), tenants=tenants)
+
+    @app.get("/v1/models")
+    async def whose(request: Request) -> dict:
+        return {"salt": request_tenant(request.scope).cache_salt}
+
+    with TestClient(app) as client, caplog.at_level(logging.INFO):
+        seen = [client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["salt"] for key in keys]
+        seen.append(client.get("/v1/models", headers={"x-api-key": keys[1]}).json()["salt"])
+    assert seen == [tenants[0].cache_salt, tenants[1].cache_salt, tenants[1].cache_salt]
+    logged = [r for r in caplog.records if r.name == "jamba_server.access"]
+    assert [r.tenant for r in logged] == [tenants[0].name, tenants[1].name, tenants[1].name]
+    assert not any(key in r.getMessage() + str(vars(r)) for r in logged for key in keys)

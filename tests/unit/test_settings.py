@@ -274,3 +274,53 @@ def test_scheduling_policy_reaches_the_engine_from_flag_and_env():
     assert from_env.scheduling_policy == "priority"
     with pytest.raises(SettingsError, match="scheduling_policy"):
         settings_for("dev-cpu.yaml", "--scheduling-policy", "lifo")
+
+
+# ---- prefix-cache isolation (core/tenancy.py): a setting, and groups of keys by SHA-256 fingerprint
+
+
+def _fp(key: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def test_prefix_cache_isolation_defaults_to_key_and_takes_flag_and_env():
+    assert load_settings(["--model", "m"], environ={}).prefix_cache_isolation == "key"
+    assert load_settings(["--model", "m", "--prefix-cache-isolation", "off"], environ={}).prefix_cache_isolation == "off"
+    environ = {"JAMBA_PREFIX_CACHE_ISOLATION": "off"}
+    assert load_settings(["--model", "m"], environ=environ).prefix_cache_isolation == "off"
+    with pytest.raises(SettingsError, match="prefix_cache_isolation.*got 'tenant'"):
+        load_settings(["--model", "m", "--prefix-cache-isolation", "tenant"], environ={})
+
+
+def test_prefix_cache_groups_from_preset_env_and_flags(tmp_path):
+    k = LONG_KEYS
+    preset = _preset(
+        tmp_path,
+        f"api_keys: [{k[0]}, {k[1]}, {k[2]}, {k[3]}]\nprefix_cache_isolation: group\n"
+        f"prefix_cache_groups:\n  ops: [{_fp(k[0])}]\n  web: [{_fp(k[1]).upper()}]\n",
+    )
+    environ = {"JAMBA_PREFIX_CACHE_GROUPS": f"web={_fp(k[1])},{_fp(k[2])};"}
+    settings = load_settings(["--config", preset, "--prefix-cache-group", f"lab = {_fp(k[3])}"], environ=environ)
+    assert settings.prefix_cache_groups == {"ops": [_fp(k[0])], "web": [_fp(k[1]), _fp(k[2])], "lab": [_fp(k[3])]}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prefix-cache-isolation", "group"], "names no group"),
+        (["--prefix-cache-group", "team={a}"], "needs prefix_cache_isolation: group"),
+        (["--prefix-cache-isolation", "group", "--prefix-cache-group", "team={key}"], "not the key itself"),
+        (["--prefix-cache-isolation", "group", "--prefix-cache-group", "team={other}"], "fingerprint 0 .* none of the api_keys"),
+        (["--prefix-cache-isolation", "group", "--prefix-cache-group", "{key}"], "expected NAME=SHA256"),
+        (["--prefix-cache-isolation", "group", "--prefix-cache-group", "a b={a}"], "group name"),
+    ],
+)
+def test_bad_prefix_cache_groups_are_settings_errors_without_keys(extra, message):
+    key, other = LONG_KEYS[0], LONG_KEYS[2]
+    argv = ["--model", "m", "--api-key", key, "--api-key", LONG_KEYS[1]]
+    argv += [item.format(a=_fp(key), key=key, other=_fp(other)) for item in extra]
+    with pytest.raises(SettingsError, match=message) as info:
+        load_settings(argv, environ={})
+    assert key not in str(info.value) and other not in str(info.value)

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from jamba_server import __version__
+from jamba_server.core.tenancy import cache_tenants
 from jamba_server.http.auth import ApiKeyChecker
 from jamba_server.http.errors import register_error_handlers
 from jamba_server.http.middleware import RequestContextMiddleware
@@ -58,6 +59,7 @@ def create_app(settings: Settings, engine: Engine, on_fatal: Callable[[str], Non
         RequestContextMiddleware,
         max_body_bytes=settings.max_body_bytes,
         auth=ApiKeyChecker(settings.api_keys, settings.metrics_require_auth),
+        tenants=cache_tenants(settings.api_keys, settings.prefix_cache_isolation, settings.prefix_cache_groups),
     )
     register_error_handlers(app)
     for routes in (openai, responses, anthropic, service):

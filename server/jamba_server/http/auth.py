@@ -48,17 +48,24 @@ class ApiKeyChecker:
         return path == "/metrics" and not self.metrics_require_auth
 
     def accepts(self, authorization: str | None, x_api_key: str | None = None) -> bool:
-        """A configured key as `Authorization: Bearer KEY` (OpenAI's clients) or `x-api-key: KEY`
-        (Anthropic's); either is enough."""
-        scheme, _, token = (authorization or "").partition(" ")
-        bearer = token.strip() if scheme.lower() == "bearer" else ""
-        return self._known(bearer) | self._known((x_api_key or "").strip())
+        return self.match(authorization, x_api_key) is not None
 
-    def _known(self, token: str) -> bool:
+    def match(self, authorization: str | None, x_api_key: str | None = None) -> int | None:
+        """The position of the configured key sent as `Authorization: Bearer KEY` (OpenAI's clients)
+        or `x-api-key: KEY` (Anthropic's), either being enough; None if neither is one. The position
+        says whose request it is (its prefix-cache tenant) without the key going any further. Both
+        headers with different keys: the bearer's counts (the client holds both anyway)."""
+        scheme, _, token = (authorization or "").partition(" ")
+        bearer = self._position(token.strip() if scheme.lower() == "bearer" else "")
+        other = self._position((x_api_key or "").strip())
+        return bearer if bearer is not None else other
+
+    def _position(self, token: str) -> int | None:
         if not token:
-            return False
+            return None
         candidate = hashlib.sha256(token.encode()).digest()
-        matched = False
-        for digest in self._digests:  # no early exit: every key is compared
-            matched |= hmac.compare_digest(candidate, digest)
-        return matched
+        found = None
+        for i, digest in enumerate(self._digests):  # no early exit: every key is compared
+            if hmac.compare_digest(candidate, digest):
+                found = i
+        return found

@@ -8,10 +8,11 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 from starlette.exceptions import HTTPException
 
+from jamba_server.core.tenancy import Tenant
 from jamba_server.http.auth import ApiKeyChecker
 from jamba_server.errors import APIError, AuthenticationError, InternalServerError, RequestTooLargeError, protocol_for_path
 from jamba_server.logs import ACCESS_LOGGER, bounded_traceback
@@ -25,6 +26,7 @@ Send = Callable[[Message], Awaitable[None]]
 access_log = logging.getLogger(ACCESS_LOGGER)
 logger = logging.getLogger(__name__)
 _MAX_REQUEST_ID = 128
+TENANT = "tenant"  # the scope-state key of the request's Tenant
 ROUTES = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/v1/models",
      "/tokenize", "/detokenize", "/health", "/ready", "/metrics", "/version", "/openapi.json", "/docs", "/redoc"}
@@ -47,6 +49,11 @@ def request_info(scope: Scope) -> dict[str, Any]:
     return scope.setdefault("state", {}).setdefault("jamba", {})
 
 
+def request_tenant(scope: Scope) -> Tenant | None:
+    """The prefix-cache tenant of the key the request was authenticated with (None: no tenants)."""
+    return scope.get("state", {}).get(TENANT)
+
+
 class BodyTooLarge(HTTPException):
     """Raised from `receive` when a body without Content-Length outgrows the limit; FastAPI passes
     HTTP exceptions from body parsing through, and the app maps this one to 413."""
@@ -56,10 +63,11 @@ class BodyTooLarge(HTTPException):
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: Any, *, max_body_bytes: int, auth: ApiKeyChecker):
+    def __init__(self, app: Any, *, max_body_bytes: int, auth: ApiKeyChecker, tenants: Sequence[Tenant | None] = ()):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.auth = auth
+        self.tenants = tenants  # of each of auth's keys, in their order
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -83,10 +91,7 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 self._finish(scope, info, status["code"], started)
 
-        error: APIError | None = None
-        if not self.auth.is_open(scope["path"]) and not self.auth.accepts(headers.get("authorization"), headers.get("x-api-key")):
-            how = "`x-api-key: <key>`" if protocol_for_path(scope["path"]) == "anthropic" else "`Authorization: Bearer <key>`"
-            error = AuthenticationError(f"Incorrect or missing API key: send {how}.")
+        error = self._authenticate(scope, headers)
         length = headers.get("content-length")
         if error is None and length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             error = self._too_large()
@@ -116,6 +121,21 @@ class RequestContextMiddleware:
             HTTP_IN_FLIGHT.dec()
             if not info.get("_finished"):  # the client left before the end (the task was cancelled)
                 self._finish(scope, info, status["code"] or 499, started)
+
+    def _authenticate(self, scope: Scope, headers: dict[str, str]) -> APIError | None:
+        """The 401 for a protected path without a configured key; else None, the request's tenant
+        (core/tenancy.py: whose prefix cache it may share, never the key) left in its scope's state."""
+        if self.auth.is_open(scope["path"]):
+            return None
+        position = self.auth.match(headers.get("authorization"), headers.get("x-api-key"))
+        if position is None:
+            how = "`x-api-key: <key>`" if protocol_for_path(scope["path"]) == "anthropic" else "`Authorization: Bearer <key>`"
+            return AuthenticationError(f"Incorrect or missing API key: send {how}.")
+        tenant = self.tenants[position] if position < len(self.tenants) else None
+        scope.setdefault("state", {})[TENANT] = tenant
+        if tenant is not None:
+            request_info(scope)["tenant"] = tenant.name
+        return None
 
     async def _unhandled(
         self, exc: Exception, scope: Scope, info: dict[str, Any], started_response: bool, send: Send, started: float

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, AsyncIterator, Callable
 
@@ -20,8 +20,9 @@ from starlette.requests import Request
 
 from jamba_server.core.outputs import EngineStep
 from jamba_server.core.prepare import GenerationJob
+from jamba_server.core.tenancy import scoped_cache_salt
 from jamba_server.errors import APIError, InvalidRequestError
-from jamba_server.http.middleware import request_info
+from jamba_server.http.middleware import request_info, request_tenant
 from jamba_server.http.sse import FRAMINGS, Framing, TrackedStreamingResponse, until_disconnect
 from jamba_server.metrics import ABORTED
 from jamba_server.runtime.generation import engine_request_for, prepare_sized, record_result, run_to_end
@@ -79,6 +80,8 @@ def request_timeout_s(request: Request, request_timeout: float | None) -> float 
 
 
 async def run_job(request: Request, server: Server, job: GenerationJob) -> Any:
+    # Every protocol's job passes here: its prefix-cache salt becomes its tenant's (core/tenancy.py).
+    job = replace(job, cache_salt=scoped_cache_salt(job.cache_salt, request_tenant(request.scope)))
     deadline = request_deadline(request, server.settings.request_timeout)
     request_id, engine_request = engine_request_for(server, job, request_info(request.scope)["arrived"], deadline)
     prompt_ids = job.prompt.token_ids
