@@ -121,7 +121,8 @@ async def http_point(base_url: str, point: dict) -> tuple[float, list[dict]]:
 def server_command(system: str, port: int) -> list[str]:
     if system == "jamba-server":
         return [sys.executable, "-m", "jamba_server.cli", "--config", str(REPO / "configs" / "dev-cpu.yaml"),
-                "--model", MODEL, "--port", str(port), "--log-level", "warning", "--max-queued-requests", "4096"]  # fmt: skip
+                "--model", MODEL, "--port", str(port), "--log-level", "warning", "--max-queued-requests", "4096",
+                "--no-enable-prefix-caching"]  # fmt: skip
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", MODEL, "--served-model-name", NAME,
         "--dtype", "float32", "--max-model-len", "4096", "--max-num-seqs", "32", "--enforce-eager",
@@ -367,7 +368,7 @@ def bulk_input(path: Path, lines: int) -> None:
 def bulk_command(system: str, source: Path, output: Path) -> list[str]:
     if system == "jamba-server":
         return [sys.executable, "-m", "jamba_server.cli", "run-batch", "--config", str(REPO / "configs" / "dev-cpu.yaml"),
-                "--model", MODEL, "--log-level", "info", "-i", str(source), "-o", str(output)]  # fmt: skip
+                "--model", MODEL, "--log-level", "info", "--no-enable-prefix-caching", "-i", str(source), "-o", str(output)]  # fmt: skip
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(source), "-o", str(output), "--model", MODEL,
         "--served-model-name", NAME, "--dtype", "float32", "--max-model-len", "4096", "--max-num-seqs", "32",
