@@ -12,8 +12,9 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import httpx
 import psutil
@@ -27,6 +28,14 @@ MODEL_NAME = "jamba-tiny-dev"
 STARTUP_TIMEOUT_S = 600  # a bound on a broken start, not a guess at load time (~45 s here)
 # Our JSON lines ("level": "ERROR"), uvicorn's ("ERROR:"), vLLM's ("(EngineCore pid=1) WARNING 11-27 ...").
 NOTABLE_LOG_LINE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback|Error\b")
+# vLLM's counter of prompt tokens found in its prefix cache (it shares our /metrics registry).
+PREFIX_CACHE_HITS = "vllm:prefix_cache_hits_total"
+# float32 runs of the dev model agree on a token's logprob to ~1e-6 whatever the batching, chunking or
+# implementation (vLLM or transformers); a Mamba state restored wrong (the block-boundary copy skipped)
+# moves them by ~2e-5 to 1e-4 while greedy tokens stay the same: random weights barely let a Mamba
+# state move the logits, so comparisons that must see the state compare logprobs.
+LOGPROB_ATOL = 1e-5
+T = TypeVar("T")
 
 # A request that must outlast an action (a disconnect, a deadline, SIGTERM, an engine kill) is long
 # by construction, never by the machine's pace: a server with Jamba's whole 256K context and a
@@ -85,6 +94,12 @@ def sample(metrics_text: str, name: str, labels: str | None = None) -> float:
     return float(match.group(1))
 
 
+def assert_logprobs_close(got: list[float], expected: list[float]) -> None:
+    assert len(got) == len(expected)
+    worst = max(abs(g - e) for g, e in zip(got, expected))
+    assert worst < LOGPROB_ATOL, f"logprobs differ by up to {worst:.2e}: {got} vs {expected}"
+
+
 def control_ids(ids: list[int]) -> list[int]:
     """The control tokens among prompt ids, in order."""
     return [i for i in ids if i in CONTROL_IDS]
@@ -141,6 +156,22 @@ class ServerProcess:
 
     def metric(self, name: str, labels: str | None = None) -> float:
         return sample(self.metrics_text(), name, labels)
+
+    def cold_then_warm(self, send: Callable[[str], T], prompt_tokens: Callable[[T], int]) -> tuple[T, T]:
+        """`send(cache_salt)` twice with one salt no request has used: the first run finds none of its
+        prompt in vLLM's prefix cache, the second finds most of it (vLLM's hit counter says so; run
+        with nothing else in flight). Returns both runs' results."""
+        salt = f"cold-{uuid.uuid4().hex}"
+        start = self.metric(PREFIX_CACHE_HITS)
+        cold = send(salt)
+        assert self.metric(PREFIX_CACHE_HITS) == start, "a first request under a fresh salt hit the cache"
+        warm = send(salt)
+        wanted = prompt_tokens(cold) / 2
+        wait_for(
+            lambda: self.metric(PREFIX_CACHE_HITS) - start > wanted, 30,
+            lambda: f"the second request found {self.metric(PREFIX_CACHE_HITS) - start} cached prompt tokens, want > {wanted}",
+        )  # fmt: skip
+        return cold, warm
 
     def request_gauges(self) -> str:
         """Our request and admission gauges and vLLM's, to explain a wrong count."""

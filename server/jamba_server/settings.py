@@ -354,7 +354,7 @@ _UNSET_MEANS = {
     "max_model_len": "the model's",
     "max_num_seqs": "vllm serve's",
     "max_num_batched_tokens": "vllm serve's",
-    "enable_prefix_caching": "vLLM's, off on CPU",
+    "enable_prefix_caching": "vLLM's (on for Jamba)",
     "max_concurrent_requests": "max_num_seqs",
     "chat_template": "the built-in Jamba 1.5 template",
 }

@@ -22,16 +22,40 @@ def test_cpu_defaults_applied(no_bind):
     settings = load_settings(["--model", "m"], environ={})
     kwargs = platform_engine_kwargs(settings)
     assert kwargs["dtype"] == "float32"  # dtype auto means float32 on the CPU backend
-    assert kwargs["enable_prefix_caching"] is False  # seeded requests must not kill the engine
+    assert "enable_prefix_caching" not in kwargs  # vLLM's own default decides (on for Jamba)
     so = kwargs["structured_outputs_config"]
     assert so.backend == "xgrammar" and so.disable_any_whitespace is True
     assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
 
 
 def test_explicit_choices_win(no_bind):
-    settings = load_settings(["--model", "m", "--dtype", "bfloat16", "--enable-prefix-caching"], environ={})
+    settings = load_settings(["--model", "m", "--dtype", "bfloat16", "--no-enable-prefix-caching"], environ={})
     kwargs = platform_engine_kwargs(settings)
-    assert kwargs["dtype"] == "bfloat16" and kwargs["enable_prefix_caching"] is True
+    assert kwargs["dtype"] == "bfloat16" and kwargs["enable_prefix_caching"] is False
+
+
+@pytest.fixture
+def environ_kept():
+    """vLLM's config step sets process variables for its engine (LD_PRELOAD, LOCAL_WORLD_SIZE, ...);
+    servers the session starts later must not inherit them from the test process."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_vllm_turns_prefix_caching_on_for_jamba_on_cpu(no_bind, environ_kept):
+    """Unset, prefix caching is vLLM's choice; for the dev Jamba on this CPU backend that is on, with
+    Mamba state kept at block boundaries (mamba_cache_mode "align"), as on GPU."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from jamba_server.runtime.vllm_engine import USAGE_CONTEXT
+
+    dev_model = CONFIGS.parent / "models" / "jamba-tiny-dev"
+    settings = load_settings(["--model", str(dev_model), "--max-model-len", "4096", "--enforce-eager"], environ={})
+    config = AsyncEngineArgs(**platform_engine_kwargs(settings)).create_engine_config(USAGE_CONTEXT)
+    assert config.cache_config.enable_prefix_caching is True
+    assert config.cache_config.mamba_cache_mode == "align"
 
 
 def test_tensor_parallel_on_cpu_binds_threads(no_bind):

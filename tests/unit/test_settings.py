@@ -17,7 +17,7 @@ def test_dev_preset_engine_args():
     assert kwargs["model"] == "models/jamba-tiny-dev"
     assert kwargs["served_model_name"] == "jamba-tiny-dev"
     assert kwargs["dtype"] == "float32"
-    assert kwargs["enable_prefix_caching"] is False
+    assert kwargs["enable_prefix_caching"] is True  # as vLLM has it for Jamba: the production path
     assert kwargs["max_num_seqs"] == 32
     assert kwargs["tensor_parallel_size"] == 1
 

@@ -66,7 +66,6 @@ def platform_engine_kwargs(settings: Settings) -> dict[str, Any]:
     if current_platform.is_cpu():
         if kwargs.get("dtype") == "auto":
             kwargs["dtype"] = "float32"
-        kwargs.setdefault("enable_prefix_caching", False)
         world = settings.tensor_parallel_size * settings.pipeline_parallel_size
         if world > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_thread_binding(world)
