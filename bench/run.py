@@ -311,7 +311,7 @@ def run_rounds(quick: bool, repeats: int, stream_only: bool = False) -> tuple[di
     }  # fmt: skip
     ratios = {}
     for point, a_runs in runs["jamba-server"].items():
-        b_runs, c_runs = runs["vllm-server"].get(point, []), runs["engine"].get(point, [])
+        b_runs, c_runs = runs["vllm-server"].get(point, []), runs.get("engine", {}).get(point, [])
         ratios[point] = {
             "frontend_cpu_per_token_a_over_b": paired(a_runs, b_runs, "frontend_cpu_ms_per_token"),
             "frontend_cpu_per_token_a_over_b_per_round": [

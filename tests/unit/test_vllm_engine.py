@@ -1,11 +1,12 @@
-"""The adapter's prompt for vLLM: a cache salt rides on the token prompt, as vLLM 0.32 takes it."""
+"""The engine adapter: the prompt it hands vLLM (a rendered token input, a cache salt riding on it,
+as vLLM 0.32 takes it), prompt logprobs as plain data, and the stream interval it gives streams."""
 
 from jamba_server.runtime.vllm_engine import engine_prompt
 
 
 def test_cache_salt_goes_on_the_prompt_dict():
-    assert engine_prompt([1, 2], "tenant") == {"prompt_token_ids": [1, 2], "cache_salt": "tenant"}
-    assert engine_prompt([1, 2]) == {"prompt_token_ids": [1, 2]}
+    assert engine_prompt([1, 2], "tenant") == {"type": "token", "prompt_token_ids": [1, 2], "cache_salt": "tenant"}
+    assert engine_prompt([1, 2]) == {"type": "token", "prompt_token_ids": [1, 2]}
 
 
 def test_prompt_logprobs_become_plain_data_with_finite_values():
