@@ -228,6 +228,11 @@ class EngineAdapter:
             return ServiceUnavailableError("The server shut down before the request finished.", code="shutting_down")
         return ServiceUnavailableError("The engine aborted the request.")
 
+    def _give_stream_interval(self, params: SamplingParams) -> None:
+        """A stream starting now (it counts itself among those running) gets the policy's interval."""
+        params.stream_interval = self.coalesce.interval(self.streams + 1, self.pace.seconds_per_token)
+        STREAM_INTERVAL.labels(self.settings.public_model_name).observe(params.stream_interval)
+
     async def generate(
         self,
         prompt_token_ids: list[int],
@@ -253,9 +258,8 @@ class EngineAdapter:
         timer = None
         if deadline is not None:
             timer = loop.call_at(deadline, lambda: loop.create_task(self.abort(request_id, "deadline")))
-        if stream:  # this stream counts itself among those running
-            params.stream_interval = self.coalesce.interval(self.streams + 1, self.pace.seconds_per_token)
-            STREAM_INTERVAL.labels(self.settings.public_model_name).observe(params.stream_interval)
+        if stream:
+            self._give_stream_interval(params)
         pace, last = self.pace, None
         self._active[request_id] = None
         self.streams += stream
