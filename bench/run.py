@@ -47,6 +47,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 SCHEMA = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 99},
           "name": {"type": "string", "maxLength": 8}}, "required": ["age", "name"], "additionalProperties": False}  # fmt: skip
 ENV = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+SERVER_ARGS: list[str] = []  # extra jamba-server flags (--server-arg)
 
 
 def log(message: str) -> None:
@@ -59,10 +60,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def workloads(quick: bool, system: str) -> list[dict]:
-    stream = [{"name": f"stream_c{c}", "concurrency": c, "stream": True} for c in ((1, 16) if quick else (1, 16, 64))]
+def workloads(quick: bool, system: str, stream_only: bool = False) -> list[dict]:
+    levels = (1, 16, 64) if stream_only or not quick else (1, 16)
+    stream = [{"name": f"stream_c{c}", "concurrency": c, "stream": True} for c in levels]
     points = [*stream]
-    if system != "engine":
+    if system != "engine" and not stream_only:
         points += [
             {"name": "nonstream_c16", "concurrency": 16, "stream": False},
             {"name": "tools_required_c16", "concurrency": 16, "stream": False, "extra": {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False}},
@@ -122,7 +124,7 @@ def server_command(system: str, port: int) -> list[str]:
     if system == "jamba-server":
         return [sys.executable, "-m", "jamba_server.cli", "--config", str(REPO / "configs" / "dev-cpu.yaml"),
                 "--model", MODEL, "--port", str(port), "--log-level", "warning", "--max-queued-requests", "4096",
-                "--no-enable-prefix-caching"]  # fmt: skip
+                "--no-enable-prefix-caching", *SERVER_ARGS]  # fmt: skip
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", MODEL, "--served-model-name", NAME,
         "--dtype", "float32", "--max-model-len", "4096", "--max-num-seqs", "32", "--enforce-eager",
@@ -281,14 +283,14 @@ class EngineSystem:
         self.proc.stdout.close()
 
 
-def run_rounds(quick: bool, repeats: int) -> tuple[dict, dict]:
+def run_rounds(quick: bool, repeats: int, stream_only: bool = False) -> tuple[dict, dict]:
     """Each round starts every system afresh, one at a time (two vLLM engines loaded side by side
     disturb each other's streams here, even idle), and runs all its points; the order rotates
     between rounds so drift on a noisy machine favours no system. Returns (per-system medians over
     rounds, per-point ratios: the median of each round's a/b and a/c)."""
     factories = {"jamba-server": lambda: HttpSystem("jamba-server"), "vllm-server": lambda: HttpSystem("vllm-server"),
                  "engine": EngineSystem}  # fmt: skip
-    names = list(factories)
+    names = ["jamba-server", "vllm-server"] if stream_only else list(factories)
     runs: dict[str, dict[str, list[dict]]] = {name: {} for name in names}
     rss: dict[str, dict[str, float]] = {name: {} for name in names}
     for r in range(repeats):
@@ -297,12 +299,13 @@ def run_rounds(quick: bool, repeats: int) -> tuple[dict, dict]:
             system = factories[name]()
             try:
                 system.run({"name": "warmup", "concurrency": 16, "stream": True, "requests": 32})  # untimed
-                for point in workloads(quick, name):
+                for point in workloads(quick, name, stream_only):
                     summary = system.run(point)
                     runs[name].setdefault(point["name"], []).append(summary)
                     rss[name][point["name"]] = max(rss[name].get(point["name"], 0.0), system.rss())
                     log(f"round {r + 1}/{repeats}: {name} {point['name']}: {summary['output_tokens_per_s']:.0f} tok/s, "
-                        f"TTFT p99 {summary['ttft_p99_s'] or 0:.3f} s, {summary['errors']} errors")  # fmt: skip
+                        f"TTFT p99 {summary['ttft_p99_s'] or 0:.3f} s, ITL p50 {summary['itl_p50_s'] or 0:.3f} s, "
+                        f"front end {summary['frontend_cpu_ms_per_token'] or 0:.3f} ms/token, {summary['errors']} errors")  # fmt: skip
             finally:
                 system.close()
     results = {
@@ -311,8 +314,12 @@ def run_rounds(quick: bool, repeats: int) -> tuple[dict, dict]:
     }  # fmt: skip
     ratios = {}
     for point, a_runs in runs["jamba-server"].items():
-        b_runs, c_runs = runs["vllm-server"].get(point, []), runs["engine"].get(point, [])
+        b_runs, c_runs = runs["vllm-server"].get(point, []), runs.get("engine", {}).get(point, [])
         ratios[point] = {
+            "frontend_cpu_per_token_a_over_b": paired(a_runs, b_runs, "frontend_cpu_ms_per_token"),
+            "frontend_cpu_per_token_a_over_b_per_round": [
+                ratio(a["frontend_cpu_ms_per_token"], b["frontend_cpu_ms_per_token"]) for a, b in zip(a_runs, b_runs)
+            ],
             "tokens_per_s_a_over_b": paired(a_runs, b_runs, "output_tokens_per_s"),
             "tokens_per_s_a_over_c": paired(a_runs, c_runs, "output_tokens_per_s"),
             "ttft_p99_a_over_b": paired(a_runs, b_runs, "ttft_p99_s"),
@@ -536,11 +543,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--bulk-only", action="store_true", help="only the bulk point (run-batch vs vLLM's run_batch)")
     parser.add_argument("--rag-only", action="store_true", help="only the multi-turn RAG point (prefix cache on vs off)")
+    parser.add_argument("--stream-only", action="store_true",
+                        help="only the streaming points (c=1, 16, 64), jamba-server and vLLM's server, into stream.json")  # fmt: skip
+    parser.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
+                        help="an extra jamba-server flag (repeatable; e.g. --server-arg=--stream-coalesce-gap=0)")  # fmt: skip
     args = parser.parse_args()
+    SERVER_ARGS.extend(args.server_arg)
     repeats = args.repeats or (1 if args.quick else 5)
     bulk_rounds = max(2, repeats)  # at least one round in each order
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    if args.stream_only:
+        systems, ratios = run_rounds(args.quick, repeats, stream_only=True)
+        (RESULTS / "stream.json").write_text(json.dumps({
+            "when": time.strftime("%Y-%m-%d %H:%M:%S"), "repeats": repeats, "server_args": SERVER_ARGS,
+            "systems": systems, "ratios": ratios}, indent=2))  # fmt: skip
+        print_rounds(systems, ratios)
+        return
     if args.bulk_only:
         bulk = run_bulk_rounds(args.quick, bulk_rounds)
         (RESULTS / "bulk.json").write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), **bulk}, indent=2))
@@ -572,10 +591,20 @@ def main() -> None:
             print(f"{name:22} {system:13} {fmt(s['output_tokens_per_s'], 8, 0)} {fmt(s['requests_per_s'], 7, 2)} "
                   f"{fmt(s['ttft_p50_s'], 9)} {fmt(s['ttft_p99_s'], 9)} {fmt(s['itl_p50_s'], 8)} {fmt(s['itl_p99_s'], 8)} "
                   f"{s['errors']:4.0f} {fmt(s['server_rss_mb'], 7, 0)} {fmt(s['frontend_cpu_ms_per_token'], 12)} {fmt(s['client_cpu_ms_per_token'], 13)}")  # fmt: skip
-    for name, r in ratios.items():
-        print(f"{name:22} a/b tok/s {r['tokens_per_s_a_over_b'] or 0:.3f}   a/c tok/s {r['tokens_per_s_a_over_c'] or 0:.3f}   a/b TTFT p99 {r['ttft_p99_a_over_b'] or 0:.3f}")
+    print_rounds(systems, ratios)
     print_bulk(bulk)
     print_rag(rag_result)
+
+
+def print_rounds(systems: dict, ratios: dict) -> None:
+    """Every round's front-end CPU per token and ITL p50, a (jamba-server) and b (vLLM's server), and the ratios."""
+    for name, r in ratios.items():
+        a_runs, b_runs = systems["jamba-server"][name]["runs"], systems["vllm-server"].get(name, {}).get("runs", [])
+        rounds = ", ".join(f"{a['frontend_cpu_ms_per_token']:.3f}/{b['frontend_cpu_ms_per_token']:.3f}" for a, b in zip(a_runs, b_runs))
+        itl = ", ".join(f"{a['itl_p50_s'] or 0:.3f}/{b['itl_p50_s'] or 0:.3f}" for a, b in zip(a_runs, b_runs))
+        print(f"{name:22} front ms/token a/b per round {rounds}; a/b median {r['frontend_cpu_per_token_a_over_b'] or 0:.2f}")
+        print(f"{'':22} ITL p50 s a/b per round {itl}")
+        print(f"{'':22} a/b tok/s {r['tokens_per_s_a_over_b'] or 0:.3f}   a/c tok/s {r['tokens_per_s_a_over_c'] or 0:.3f}   a/b TTFT p99 {r['ttft_p99_a_over_b'] or 0:.3f}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,10 @@ HTTP_IN_FLIGHT = Gauge("jamba_http_requests_in_flight", "HTTP requests being han
 TTFT = Histogram("jamba_time_to_first_token_seconds", "Time from request arrival to the first output token.", ["model"], buckets=LATENCY_BUCKETS)
 INTER_TOKEN = Histogram("jamba_inter_token_latency_seconds", "Time between consecutive output tokens.", ["model"], buckets=TOKEN_LATENCY_BUCKETS)
 E2E_LATENCY = Histogram("jamba_e2e_request_latency_seconds", "Time from request arrival to the last output token.", ["model"], buckets=LATENCY_BUCKETS)
+STREAM_INTERVAL = Histogram(
+    "jamba_stream_interval_tokens", "Tokens per streamed chunk chosen for a stream as it starts (the stream interval).",
+    ["model"], buckets=(1, 2, 3, 4, 6, 8, 12, 16),
+)  # fmt: skip
 QUEUE_TIME = Histogram("jamba_queue_time_seconds", "Time a request waited in this server's admission queue.", ["model"], buckets=LATENCY_BUCKETS)
 PROMPT_TOKENS = Counter("jamba_prompt_tokens_total", "Prompt tokens of requests sent to the engine.", ["model"])
 GENERATION_TOKENS = Counter("jamba_generation_tokens_total", "Output tokens generated.", ["model"])

@@ -70,6 +70,14 @@ class Settings(BaseModel):
     # A stream whose client accepts no data for this long is cut and its engine request aborted, so a
     # client that stops reading cannot keep an admission slot.
     stream_write_timeout: float = Field(30.0, gt=0)
+    # Streamed tokens per chunk (core/coalescing.py). `stream_interval` is vLLM's engine argument: at
+    # least this many per chunk, always (the first token and the last chunk are never held back).
+    # Beyond it, while `stream_coalesce_min_streams` or more streams run, a stream starting takes as
+    # many tokens per chunk as the engine's recent steps fit in `stream_coalesce_gap` seconds (0: off),
+    # which cuts the API process's CPU per token under load.
+    stream_interval: int = Field(1, ge=1)
+    stream_coalesce_gap: float = Field(0.05, ge=0)
+    stream_coalesce_min_streams: int = Field(4, ge=1)
 
     # Admission control (see runtime/admission.py)
     # Engine slots, in sequences (a request with n choices takes n); default the engine's max_num_seqs.
@@ -143,6 +151,7 @@ class Settings(BaseModel):
             "enforce_eager": self.enforce_eager,
             "trust_remote_code": self.trust_remote_code,
             "scheduling_policy": self.scheduling_policy,
+            "stream_interval": self.stream_interval,
         }
         optional = {
             "tokenizer": self.tokenizer,
@@ -199,6 +208,9 @@ _SCALAR_FIELDS: dict[str, Any] = {
     "timeout_keep_alive": int,
     "limit_concurrency": int,
     "stream_write_timeout": float,
+    "stream_interval": int,
+    "stream_coalesce_gap": float,
+    "stream_coalesce_min_streams": int,
     "max_concurrent_requests": int,
     "max_queued_requests": int,
     "max_tokens_in_flight": int,
@@ -321,6 +333,9 @@ _FLAG_HELP: dict[str, tuple[str, str]] = {
     "timeout_keep_alive": ("server", "seconds an idle keep-alive connection stays open (keep above your proxy's)"),
     "limit_concurrency": ("server", "open connections before uvicorn answers 503"),
     "stream_write_timeout": ("server", "seconds a stream may wait for its client to read before it is cut"),
+    "stream_interval": ("server", "vLLM's: at least this many tokens per streamed chunk"),
+    "stream_coalesce_gap": ("server", "under load, streamed chunks gather the tokens of up to this many seconds of engine steps (0: off)"),
+    "stream_coalesce_min_streams": ("server", "streams running before stream_coalesce_gap applies"),
     "responses_store_max_entries": ("server", "Responses API store: most responses kept"),
     "responses_store_max_bytes": ("server", "Responses API store: most bytes kept"),
     "responses_store_ttl": ("server", "Responses API store: seconds a response is kept"),

@@ -212,3 +212,45 @@ def test_multi_prompt_completion_choices_get_their_own_prompts_logprobs_and_echo
 def test_streamed_echo_is_each_choices_own():
     streamer = CompletionStreamer("id", "m", 2, want_logprobs=False, created=0)
     assert [c["text"] for c in json.loads(streamer.echo(["A", "BB"]))["choices"]] == ["A", "BB"]
+
+
+# ---- coalesced streams (core/coalescing.py): a step may carry several tokens
+
+
+TOKENS = ["Hi", " there", "<", "tool", "<tool_calls>", '[{"name": "f", ', '"arguments": {"a": 1}}]', "</tool_calls>",
+          "<citations>", "[1", ", 0]", "</citations>", "<|eom|>", " é", "\n"]  # fmt: skip
+
+
+def _stream(streamer: ChatStreamer, groups: list[list[int]]) -> tuple[str, list, list, list, list[int]]:
+    """Stream tokens (indexes into TOKENS) a group per step: content, tool calls (name, arguments),
+    citations, logprob tokens, finish reasons, and how many logprobs each chunk carried."""
+    content, calls, citations, logprobs, sizes = "", [], [], [], []
+    for g, group in enumerate(groups):
+        last = g == len(groups) - 1
+        text = "".join(TOKENS[t] for t in group)
+        lps = tuple(TokenLogprob(TOKENS[t], -float(t), ((TOKENS[t], -float(t)),)) for t in group)
+        step = EngineStep((ChoiceDelta(0, text, tuple(group), lps, "stop" if last else None),), 3, last)
+        for chunk in chat_chunks(streamer.step(step)):
+            for choice in chunk.choices:
+                content += choice.delta.content or ""
+                calls += [(c.function.name, c.function.arguments) for c in choice.delta.tool_calls or ()]
+                citations += [c.document_id for c in choice.delta.citations or ()]
+                if choice.logprobs is not None:
+                    logprobs += [(t.token, t.logprob) for t in choice.logprobs.content]
+                    sizes.append(len(choice.logprobs.content))
+    return content, calls, citations, logprobs, sizes
+
+
+@given(st.lists(st.integers(0, len(TOKENS) - 1), min_size=1, max_size=24), st.data())
+def test_a_coalesced_stream_equals_the_token_by_token_one(tokens, data):
+    """Whatever tokens a step gathers, the stream carries the same content, tool calls, citations
+    and every token's logprobs as one token per step (and the output parser's view is unchanged)."""
+    from jamba_server.core.parsing import ParserConfig
+
+    config = ParserConfig(tool_names=frozenset({"f"}), document_titles=("A", "B"), citation_mode=True)
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(tokens) - 1), max_size=len(tokens))) if len(tokens) > 1 else [])
+    groups = [tokens[a:b] for a, b in zip([0, *cuts], [*cuts, len(tokens)])]
+    one_by_one = _stream(ChatStreamer("id", "m", 1, want_logprobs=True, created=0, parser=config), [[t] for t in tokens])
+    coalesced = _stream(ChatStreamer("id", "m", 1, want_logprobs=True, created=0, parser=config), groups)
+    assert coalesced[:4] == one_by_one[:4]
+    assert len(coalesced[3]) == len(tokens)  # every token's logprobs, once

@@ -307,7 +307,8 @@ def test_drain_refuses_new_work_waits_then_aborts_what_is_left():
     assert released(state)
 
 
-def test_runner_passes_priority_and_cache_salt_to_the_engine_and_admission():
+@pytest.mark.parametrize("stream", [False, True])
+def test_runner_passes_priority_cache_salt_and_streaming_to_the_engine_and_admission(stream):
     async def scenario():
         engine = FakeEngine([step("a", finished=True)])
         state = make_state(engine)
@@ -319,12 +320,14 @@ def test_runner_passes_priority_and_cache_salt_to_the_engine_and_admission():
             return await acquire(tokens, sequences, priority)
 
         state.admission.acquire = spy
-        request = EngineRequest("r1", [1, 2], SPEC, params=SPEC, deadline=None, observer=Metrics(), priority=-2, cache_salt="s")
+        request = EngineRequest(
+            "r1", [1, 2], SPEC, params=SPEC, deadline=None, observer=Metrics(), priority=-2, cache_salt="s", stream=stream
+        )  # fmt: skip
         await collect(Client().request(), state.runner, request, lambda s: None)
         return engine, acquired
 
     engine, acquired = asyncio.run(scenario())
-    assert engine.options == {"priority": -2, "cache_salt": "s"} and acquired == [-2]
+    assert engine.options == {"priority": -2, "cache_salt": "s", "stream": stream} and acquired == [-2]
 
 
 # ---- multi-prompt requests: one engine request per prompt, one ticket, merged steps

@@ -49,11 +49,14 @@ class Engine(Protocol):
         *,
         priority: int = 0,
         cache_salt: str | None = None,
+        stream: bool = False,
     ) -> AsyncIterator[EngineStep]:
         """The request's outputs, step by step. Closing the iterator ends the engine request; past
         `deadline` (an event-loop time) it raises `RequestTimeoutError`; the engine's own failures
         are `APIError`s (a bad request 400, a failed engine 503). `priority` (lower first) matters
-        to an engine scheduling by priority; `cache_salt` keeps its prefix cache to equal salts."""
+        to an engine scheduling by priority; `cache_salt` keeps its prefix cache to equal salts. With
+        `stream` (a client reads the steps as they come) a step may carry several tokens (the
+        engine's stream interval), the first never delayed."""
 
     async def abort(self, request_id: str, cause: str) -> None:
         """End one running request; its `generate` raises the error for `cause`."""

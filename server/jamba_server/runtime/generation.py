@@ -41,7 +41,7 @@ def engine_request_for(
     parts = [
         EngineRequest(
             request_id if len(runs) == 1 else f"{request_id}-{i}", run.prompt.token_ids, run.spec, run.engine_params,
-            deadline, metrics, priority=job.priority, cache_salt=job.cache_salt,
+            deadline, metrics, priority=job.priority, cache_salt=job.cache_salt, stream=job.stream,
         )  # fmt: skip
         for i, run in enumerate(runs)
     ]

@@ -47,6 +47,7 @@ class EngineRequest:
     observer: StepObserver
     priority: int = 0  # lower first: orders admission's queue and the engine's
     cache_salt: str | None = None
+    stream: bool = False  # a client reads the steps as they come (the engine may gather tokens per step)
     # A multi-prompt request's other prompts (their own ids, specs, params), run with this one.
     more: tuple[EngineRequest, ...] = ()
 
@@ -105,7 +106,7 @@ class Runner:
     def _generate(self, request: EngineRequest) -> AsyncIterator[EngineStep]:
         return self.engine.generate(
             request.prompt_ids, request.params, request.request_id, request.deadline,
-            priority=request.priority, cache_salt=request.cache_salt,
+            priority=request.priority, cache_salt=request.cache_salt, stream=request.stream,
         )  # fmt: skip
 
     async def _observed(self, request: EngineRequest) -> AsyncIterator[EngineStep]:

@@ -16,10 +16,11 @@ from typing import Any, AsyncIterator
 
 import vllm
 from transformers import AutoTokenizer
-from vllm import SamplingParams, TokensPrompt
+from vllm import SamplingParams
 from vllm.config import StructuredOutputsConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
+from vllm.inputs.engine import TokensInput, tokens_input
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.usage.usage_lib import UsageContext
@@ -27,6 +28,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
 
+from jamba_server.core.coalescing import CoalescePolicy, TokenPace
 from jamba_server.core.constraints import OutputConstraint
 from jamba_server.core.outputs import ChoiceDelta, EngineStep, PromptLogprobs, PromptTokenLogprob, TokenLogprob
 from jamba_server.core.prompt import control_spellings
@@ -37,7 +39,7 @@ from jamba_server.errors import (
     RequestTimeoutError,
     ServiceUnavailableError,
 )
-from jamba_server.metrics import ABORTED
+from jamba_server.metrics import ABORTED, STREAM_INTERVAL
 from jamba_server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -89,6 +91,10 @@ class EngineAdapter:
         self._special_token_ids: list[int] = []
         # In-flight engine request ids → why we aborted them (None while running normally).
         self._active: dict[str, str | None] = {}
+        # Streamed tokens per chunk (core/coalescing.py): the streams running and the engine's pace.
+        self.coalesce = CoalescePolicy(settings.stream_interval, settings.stream_coalesce_gap, settings.stream_coalesce_min_streams)
+        self.pace = TokenPace()
+        self.streams = 0
 
     @property
     def platform(self) -> str:
@@ -221,6 +227,11 @@ class EngineAdapter:
             return ServiceUnavailableError("The server shut down before the request finished.", code="shutting_down")
         return ServiceUnavailableError("The engine aborted the request.")
 
+    def _give_stream_interval(self, params: SamplingParams) -> None:
+        """A stream starting now (it counts itself among those running) gets the policy's interval."""
+        params.stream_interval = self.coalesce.interval(self.streams + 1, self.pace.seconds_per_token)
+        STREAM_INTERVAL.labels(self.settings.public_model_name).observe(params.stream_interval)
+
     async def generate(
         self,
         prompt_token_ids: list[int],
@@ -230,11 +241,13 @@ class EngineAdapter:
         *,
         priority: int = 0,
         cache_salt: str | None = None,
+        stream: bool = False,
     ) -> AsyncIterator[EngineStep]:
         """Stream the request's outputs; closing the iterator aborts the engine request.
 
         `deadline` is an event-loop time; past it the engine request is aborted and the stream
-        raises `RequestTimeoutError`.
+        raises `RequestTimeoutError`. A `stream` (a client reads its steps as they come) gets the
+        stream interval `coalesce` picks now: its later steps may carry several tokens each.
         """
         if not self.ready:
             raise ServiceUnavailableError("the engine is not available")
@@ -244,15 +257,23 @@ class EngineAdapter:
         timer = None
         if deadline is not None:
             timer = loop.call_at(deadline, lambda: loop.create_task(self.abort(request_id, "deadline")))
+        if stream:
+            self._give_stream_interval(params)
+        pace, last = self.pace, None
         self._active[request_id] = None
+        self.streams += stream
         try:
-            async with aclosing(self.engine.generate(prompt, params, request_id, priority=priority)) as stream:
-                async for output in stream:
+            async with aclosing(self.engine.generate(prompt, params, request_id, priority=priority)) as outputs:
+                async for output in outputs:
                     # An abort can come before vLLM has registered the request (its first add_request
                     # asks the engine core for its tasks), and then vLLM drops it: our own mark ends it.
                     cause = self._active.get(request_id)
                     if cause is not None or any(o.finish_reason == "abort" for o in output.outputs):
                         raise self._abort_error(cause)
+                    now = loop.time()
+                    if last is not None and output.outputs:
+                        pace.observe(now - last, len(output.outputs[0].token_ids))
+                    last = now
                     yield EngineStep(
                         choices=tuple(_choice_delta(o, want) for o in output.outputs),
                         prompt_tokens=len(output.prompt_token_ids or prompt_token_ids),
@@ -267,14 +288,15 @@ class EngineAdapter:
             if timer is not None:
                 timer.cancel()
             self._active.pop(request_id, None)
+            self.streams -= stream
 
 
-def engine_prompt(prompt_token_ids: list[int], cache_salt: str | None = None) -> TokensPrompt:
-    """vLLM's prompt for token ids; a cache salt rides on it (vLLM hashes it into the first block)."""
-    prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
-    if cache_salt is not None:
-        prompt["cache_salt"] = cache_salt
-    return prompt
+def engine_prompt(prompt_token_ids: list[int], cache_salt: str | None = None) -> TokensInput:
+    """vLLM's rendered input for token ids, as its own server hands `generate` (a cache salt rides
+    on it: vLLM hashes it into the first block). Rendered, so vLLM checks it inline (length, ids in
+    the vocabulary) rather than sending a raw prompt through its renderer's thread pool: one thread
+    round trip per request less."""
+    return tokens_input(prompt_token_ids, cache_salt=cache_salt)
 
 
 _CONSTRAINT_NAMES = {
