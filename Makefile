@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # pins, and break vLLM's engine start; nothing on the text path needs them.
 CPU_UNWANTED := torchvision torchaudio torchcodec
 
-.PHONY: install system-deps model serve test bench clean
+.PHONY: install system-deps model serve test bench train-dev-model clean
 
 install: $(VENV)/.installed system-deps
 
@@ -45,6 +45,12 @@ test: install model
 bench: $(VENV)/.installed model
 	$(PIP) install --quiet matplotlib
 	$(PY) bench/run.py $(if $(QUICK),--quick,)
+
+# Train a dev model that has learned Jamba's format (issue 18) into OUT; not part of `make model` or
+# `make test`. TRAIN_ARGS passes options (`--steps`, `--max-minutes`, ...; see --help).
+train-dev-model: $(VENV)/.installed
+	@test -n "$(OUT)" || { echo "usage: make train-dev-model OUT=/tmp/devmodel/run [TRAIN_ARGS='--steps 3000']" >&2; exit 2; }
+	$(PY) -m jamba_server.train_dev_model --out $(OUT) $(TRAIN_ARGS)
 
 clean:
 	rm -rf $(VENV) models build .pytest_cache

@@ -1,0 +1,250 @@
+"""Train the dev model on the synthetic corpus (issue 18), so Jamba's format comes from the weights.
+
+`python -m jamba_server.train_dev_model --out /tmp/devmodel/run1` (or `make train-dev-model
+OUT=...`). Plain PyTorch on CPU, deterministic from `--seed`: the architecture and tokenizer are
+`dev_model`'s (same config, same tokenizer, same starting weights); the loss is on the reply tokens
+only (the prompt is what the server renders, the reply what the model must write); AdamW with warmup
+and cosine decay; held-out loss every `--eval-every` steps. The output is a Hugging Face model
+directory like `make model`'s (config, safetensors, tokenizer, chat template) plus `train_log.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from jamba_server import dev_corpus, dev_model
+from jamba_server.settings import DEFAULT_TEMPLATE
+
+IGNORE = -100  # label of a token the loss skips (prompt and padding)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: str
+    steps: int = 3000
+    batch_size: int = 8
+    learning_rate: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    train_examples: int = 20000
+    heldout_examples: int = 64
+    eval_every: int = 100
+    seed: int = 0
+    threads: int = 1
+    max_minutes: float | None = None  # stop early (and save) after this long
+
+
+def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, **_: Any):  # fmt: skip
+    """transformers' reference Mamba1 scan (`modeling_jamba.mamba_selective_scan`, used without
+    mamba-ssm), same math, trainable on CPU: the reference indexes one step of whole tensors per
+    iteration, whose backward writes a full-size gradient each step (quadratic in length: 8 s for
+    one backward of 8x256 tokens here); stepping through `unbind` views keeps it linear (<1 s)."""
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(dt.dtype)[..., None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    decays = torch.exp(A[None, :, None, :] * dt[:, :, :, None]).unbind(2)
+    inputs = (dt[:, :, :, None] * B.transpose(1, 2)[:, None].float() * hidden_states[:, :, :, None].float()).unbind(2)
+    readouts = C.transpose(1, 2).unbind(1)
+    state = torch.zeros_like(inputs[0])
+    outputs = []
+    for decay, step_input, readout in zip(decays, inputs, readouts):
+        state = decay * state + step_input
+        outputs.append((state * readout[:, None, :]).sum(-1))
+    scan = torch.stack(outputs, dim=-1).to(hidden_states.dtype)
+    if D is not None:
+        scan = scan + hidden_states * D[None, :, None]
+    if z is not None:
+        scan = scan * F.silu(z)
+    return (scan, state) if return_last_state else scan
+
+
+@contextlib.contextmanager
+def trainable_scan() -> Iterator[None]:
+    """transformers' Jamba runs `selective_scan` instead of its reference scan, inside the block."""
+    from transformers.models.jamba import modeling_jamba
+
+    reference = modeling_jamba.mamba_selective_scan
+    modeling_jamba.mamba_selective_scan = selective_scan
+    try:
+        yield
+    finally:
+        modeling_jamba.mamba_selective_scan = reference
+
+
+@dataclass(frozen=True)
+class Sequence:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE on the prompt
+
+
+def encode(tokenizer: Any, chat_template: str, split: str, count: int, seed: int) -> list[Sequence]:
+    """The split's examples as prompt + reply token ids, the loss masked to the reply."""
+    sequences = []
+    for example in dev_corpus.generate(split, count, seed):
+        rendered = dev_corpus.render_example(example, tokenizer, chat_template)
+        prompt, target = rendered.prompt.token_ids, rendered.target_ids
+        sequences.append(Sequence(prompt + target, [IGNORE] * len(prompt) + target))
+    return sequences
+
+
+def collate(sequences: list[Sequence], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: padding comes after every real token, so neither the causal attention nor
+    the Mamba scan carries it into a real position; its labels are IGNORE."""
+    width = max(len(s.input_ids) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        input_ids[row, : len(s.input_ids)] = torch.tensor(s.input_ids)
+        labels[row, : len(s.labels)] = torch.tensor(s.labels)
+        attention_mask[row, : len(s.input_ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def batches(sequences: list[Sequence], batch_size: int, rng: random.Random) -> list[list[Sequence]]:
+    """One epoch of batches, each of similar lengths (little padding), in random order."""
+    order = list(sequences)
+    rng.shuffle(order)
+    pool = batch_size * 32
+    out = []
+    for start in range(0, len(order), pool):
+        chunk = sorted(order[start : start + pool], key=lambda s: len(s.input_ids))
+        out.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(out)
+    return out
+
+
+def reply_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the reply tokens, and how many there are."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    targets = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    return loss, int((targets != IGNORE).sum())
+
+
+@torch.no_grad()
+def evaluate(model: Any, sequences: list[Sequence], batch_size: int, pad_id: int) -> float:
+    """Mean loss per reply token."""
+    model.eval()
+    total, count = 0.0, 0
+    ordered = sorted(sequences, key=lambda s: len(s.input_ids))
+    for start in range(0, len(ordered), batch_size):
+        loss, tokens = reply_loss(model, collate(ordered[start : start + batch_size], pad_id))
+        total, count = total + float(loss), count + tokens
+    model.train()
+    return total / count
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def save(model: Any, generation: Any, tokenizer: Any, out: Path, log: dict[str, Any]) -> None:
+    """Write the model directory whole or not at all (a temporary sibling, then renamed)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.eval()
+    model.save_pretrained(tmp, safe_serialization=True)
+    generation.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def _losses(model: Any, probes: dict[str, list[Sequence]], batch_size: int, pad_id: int) -> dict[str, float]:
+    return {f"{name}_loss": round(evaluate(model, sequences, batch_size, pad_id), 4) for name, sequences in probes.items()}
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train, evaluate along the way, save; return the log (also written as train_log.json)."""
+    with trainable_scan():
+        return _train(config)
+
+
+def _train(config: TrainConfig) -> dict[str, Any]:
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    chat_template = DEFAULT_TEMPLATE.read_text(encoding="utf-8")
+    tokenizer = dev_model.build_tokenizer(chat_template)
+    eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|eom|>")]
+    model, generation = dev_model.build_model(len(tokenizer), eos_ids)
+    model.train()
+    pad_id = tokenizer.pad_token_id
+    started = time.monotonic()
+    train_set = encode(tokenizer, chat_template, "train", config.train_examples, config.seed)
+    heldout = encode(tokenizer, chat_template, "heldout", config.heldout_examples, config.seed)
+    # A fixed slice of training examples gives a train loss comparable over time.
+    probes = {"train": train_set[: config.heldout_examples], "heldout": heldout}
+    log: dict[str, Any] = {"config": asdict(config), "model_config": dev_model.MODEL_CONFIG, "evals": []}
+    log["encode_seconds"] = round(time.monotonic() - started, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    log["evals"].append({"step": 0, **_losses(model, probes, config.batch_size, pad_id)})
+    print(json.dumps(log["evals"][-1]), flush=True)
+    queue: list[list[Sequence]] = []
+    step, step_seconds, started = 0, 0.0, time.monotonic()
+    while step < config.steps:
+        if config.max_minutes is not None and time.monotonic() - started > config.max_minutes * 60:
+            break
+        queue = queue or batches(train_set, config.batch_size, rng)
+        tick = time.monotonic()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        loss, tokens = reply_loss(model, collate(queue.pop(), pad_id))
+        optimizer.zero_grad()
+        (loss / tokens).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        step_seconds += time.monotonic() - tick
+        if step % config.eval_every == 0 or step == config.steps:
+            batch_loss = round(loss.item() / tokens, 4)
+            entry = {"step": step, "batch_loss": batch_loss, **_losses(model, probes, config.batch_size, pad_id)}
+            log["evals"].append(entry)
+            print(json.dumps(entry), flush=True)
+    if log["evals"][-1]["step"] != step:
+        log["evals"].append({"step": step, **_losses(model, probes, config.batch_size, pad_id)})
+        print(json.dumps(log["evals"][-1]), flush=True)
+    log["steps"] = step
+    log["seconds_per_step"] = round(step_seconds / max(1, step), 3)
+    log["train_seconds"] = round(time.monotonic() - started, 1)
+    save(model, generation, tokenizer, Path(config.out), log)
+    return log
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="model directory to write (e.g. under /tmp/devmodel/)")
+    defaults = TrainConfig(out="")
+    for name, value in asdict(defaults).items():
+        if name != "out":
+            kind = float if name in ("learning_rate", "weight_decay", "max_minutes") else int
+            parser.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
+    log = train(TrainConfig(**vars(parser.parse_args())))
+    print(json.dumps({"out": log["config"]["out"], "steps": log["steps"], "seconds_per_step": log["seconds_per_step"],
+                      "first": log["evals"][0], "last": log["evals"][-1]}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The dev model's synthetic corpus: deterministic, split by vocabulary, rendered the server's way,
+and every target read by the server's own parser as the example intends."""
+
+import json
+import re
+
+import pytest
+from transformers import AutoTokenizer
+
+from jamba_server import dev_corpus
+from jamba_server.core.features import plan_chat
+from jamba_server.core.parsing import Citation, parse_output
+from jamba_server.protocol import ChatCompletionRequest
+from jamba_server.settings import DEFAULT_TEMPLATE
+
+TEMPLATE = DEFAULT_TEMPLATE.read_text(encoding="utf-8")
+COUNT = 300  # per split: every kind many times over
+
+
+@pytest.fixture(scope="module")
+def tokenizer(dev_model):
+    return AutoTokenizer.from_pretrained(dev_model)
+
+
+@pytest.fixture(scope="module")
+def rendered(tokenizer):
+    return {
+        split: [dev_corpus.render_example(e, tokenizer, TEMPLATE) for e in dev_corpus.generate(split, COUNT, seed=7)]
+        for split in dev_corpus.SPLITS
+    }
+
+
+def _of_kind(rendered, kind):
+    found = [r for split in dev_corpus.SPLITS for r in rendered[split] if r.example.kind == kind]
+    assert len(found) >= 10, kind
+    return found
+
+
+def _plan(example):
+    return plan_chat(ChatCompletionRequest.model_validate({"model": "m", **example.request}))
+
+
+def test_the_same_seed_gives_the_same_corpus_and_another_seed_another():
+    assert dev_corpus.generate("train", 50, seed=3) == dev_corpus.generate("train", 50, seed=3)
+    assert dev_corpus.generate("train", 50, seed=3) != dev_corpus.generate("train", 50, seed=4)
+    assert dev_corpus.generate("train", 50, seed=3) != dev_corpus.generate("heldout", 50, seed=3)
+
+
+def test_the_splits_share_no_name_or_city():
+    for lists in (dev_corpus.NAMES, dev_corpus.CITIES):
+        assert not set(lists["train"]) & set(lists["heldout"])
+    entities = {split: {*dev_corpus.NAMES[split], *dev_corpus.CITIES[split]} for split in dev_corpus.SPLITS}
+    assert not entities["train"] & entities["heldout"]
+    for split, other in (("train", "heldout"), ("heldout", "train")):
+        for example in dev_corpus.generate(split, COUNT, seed=7):
+            words = set(re.findall(r"[A-Z][a-z]+", json.dumps([example.request, example.reply])))
+            assert not words & entities[other], (split, example)
+            assert words & entities[split] or example.kind in ("chat", "tool_none")
+
+
+def test_every_prompt_renders_through_render_chat_and_every_target_ends_the_turn(rendered, tokenizer):
+    kinds = set()
+    for split in dev_corpus.SPLITS:
+        for r in rendered[split]:
+            kinds.add(r.example.kind)
+            assert r.prompt.text.startswith("<|startoftext|><|bom|><|system|>")
+            assert r.prompt.text.endswith("<|bom|><|assistant|>")
+            assert r.target_text.endswith("<|eom|>") and r.target_text.count("<|eom|>") == 1
+            assert r.target_ids == tokenizer.encode(r.target_text, add_special_tokens=False)
+            assert r.target_ids[-1] == tokenizer.convert_tokens_to_ids("<|eom|>")
+    assert kinds == {"chat", "tool_call", "tool_none", "tool_answer", "citation", "documents", "json", "json_off"}
+
+
+def test_tool_call_targets_parse_into_the_intended_calls_with_arguments_from_the_question(rendered):
+    counts = set()
+    for r in _of_kind(rendered, "tool_call"):
+        parsed = parse_output(r.target_text, _plan(r.example).parser)
+        intended = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in r.example.reply["tool_calls"]]
+        assert [(c.name, json.loads(c.arguments)) for c in parsed.tool_calls] == intended
+        assert parsed.content.strip() == ""
+        question = r.example.request["messages"][-1]["content"]
+        for name, arguments in intended:
+            assert name in {t["function"]["name"] for t in r.example.request["tools"]}
+            assert all(f" {value}" in question for value in arguments.values())
+        counts.add(len(intended))
+    assert counts == {1, 2}
+
+
+def test_replies_without_tool_calls_parse_as_their_text(rendered):
+    for kind in ("chat", "tool_none", "tool_answer", "documents", "json_off"):
+        for r in _of_kind(rendered, kind):
+            parsed = parse_output(r.target_text, _plan(r.example).parser)
+            assert parsed.tool_calls == [] and parsed.citations is None
+            assert parsed.content == " " + r.example.reply["content"]
+
+
+def test_tool_answers_report_every_tool_result(rendered):
+    for r in _of_kind(rendered, "tool_answer"):
+        results = [json.loads(m["content"]) for m in r.example.request["messages"] if m["role"] == "tool"]
+        assert results and len(results) == len(r.example.request["messages"][-len(results) - 1]["tool_calls"])
+        for result in results:
+            value = next(v for k, v in result.items() if k != "unit")
+            assert str(value) in r.target_text
+
+
+def test_citation_targets_parse_into_the_document_the_answer_comes_from(rendered):
+    cited_nothing = 0
+    for r in _of_kind(rendered, "citation"):
+        parsed = parse_output(r.target_text, _plan(r.example).parser)
+        documents = r.example.request["documents"]
+        question = r.example.request["messages"][-1]["content"]
+        asked = [i for i, d in enumerate(documents) if f" {d['title']} " in question]
+        assert parsed.citations == [Citation(i, documents[i]["title"]) for i in asked]
+        answer = parsed.content.strip()
+        if asked:
+            fact = answer.removeprefix(documents[asked[0]]["title"] + " ").rstrip(".")
+            assert fact in documents[asked[0]]["text"]
+        else:
+            cited_nothing += 1
+            assert answer == "The documents do not say."
+    assert cited_nothing > 0
+
+
+def test_json_targets_are_json_objects_of_fields_from_the_question(rendered):
+    for r in _of_kind(rendered, "json"):
+        plan = _plan(r.example)
+        assert plan.json_mode and plan.template_inputs["knobs"]["response_format"] == "json_object"
+        content = parse_output(r.target_text, plan.parser).content.removesuffix("<|eom|>")
+        value = json.loads(content)
+        question = r.example.request["messages"][-1]["content"]
+        assert isinstance(value, dict) and {"name"} <= set(value) <= {"name", "age", "city"}
+        assert all(str(v) in question for v in value.values())
+        assert content == json.dumps(value, separators=(",", ":"))  # no free whitespace, as the grammar
+
+
+def test_held_out_names_and_cities_are_spelled_in_tokens_of_training_ones(tokenizer):
+    """A token no training target holds never gets its output embedding trained: held-out loss would
+    measure that, not copying. Words tokenize alone (the byte-level pre-tokenizer splits at spaces
+    and punctuation), after a space in sentences and after a quote in JSON."""
+
+    def tokens(split):
+        words = (*dev_corpus.NAMES[split], *dev_corpus.CITIES[split])
+        return {i for word in words for text in (word, " " + word) for i in tokenizer.encode(text, add_special_tokens=False)}
+
+    assert tokens("heldout") <= tokens("train")

@@ -1,0 +1,103 @@
+"""Training the dev model: the trainable scan is transformers' scan, the loss sees only reply tokens
+and no padding, and a run writes a model directory transformers loads and generates with."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.models.jamba import modeling_jamba
+
+from jamba_server.dev_model import build_model
+from jamba_server.train_dev_model import (
+    IGNORE,
+    Sequence,
+    TrainConfig,
+    collate,
+    reply_loss,
+    selective_scan,
+    train,
+    trainable_scan,
+)
+
+
+def _scan_inputs(seed):
+    generator = torch.Generator().manual_seed(seed)
+    batch, dim, state, length = 2, 6, 4, 9
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float32).requires_grad_()
+
+    return dict(
+        hidden_states=rand(batch, dim, length),
+        dt=rand(batch, dim, length),
+        A=(-torch.rand(dim, state, generator=generator)).requires_grad_(),
+        B=rand(batch, state, length),
+        C=rand(batch, state, length),
+        D=rand(dim),
+        z=rand(batch, dim, length),
+        delta_bias=rand(dim),
+    )
+
+
+def test_the_trainable_scan_gives_the_reference_scan_outputs_state_and_gradients():
+    results = []
+    for scan in (modeling_jamba.mamba_selective_scan, selective_scan):
+        inputs = _scan_inputs(seed=3)
+        output, state = scan(**inputs, delta_softplus=True, return_last_state=True)
+        (output.square().sum() + state.sum()).backward()
+        results.append((output, state, [inputs[k].grad for k in sorted(inputs)]))
+    (out_ref, state_ref, grads_ref), (out, state, grads) = results
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(state, state_ref.float())
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_trainable_scan_swaps_the_scan_only_inside_the_block():
+    reference = modeling_jamba.mamba_selective_scan
+    with trainable_scan():
+        assert modeling_jamba.mamba_selective_scan is selective_scan
+    assert modeling_jamba.mamba_selective_scan is reference
+
+
+def test_collate_pads_on_the_right_and_labels_only_the_reply():
+    batch = collate([Sequence([1, 20, 21, 30], [IGNORE, IGNORE, IGNORE, 30]), Sequence([1, 22], [IGNORE, 22])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 20, 21, 30], [1, 22, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, IGNORE, IGNORE, 30], [IGNORE, 22, IGNORE, IGNORE]]
+
+
+def test_a_padded_batch_has_the_loss_of_its_sequences_alone():
+    model, _ = build_model(64, [2, 5])
+    generator = torch.Generator().manual_seed(0)
+    long_ids, short_ids = (torch.randint(14, 64, (n,), generator=generator).tolist() for n in (40, 17))
+    long = Sequence(long_ids, [IGNORE] * 30 + long_ids[30:])
+    short = Sequence(short_ids, [IGNORE] * 10 + short_ids[10:])
+    with torch.no_grad(), trainable_scan():
+        together, count = reply_loss(model, collate([long, short], pad_id=0))
+        alone = [reply_loss(model, collate([s], pad_id=0)) for s in (long, short)]
+    assert count == 10 + 7 == sum(n for _, n in alone)
+    torch.testing.assert_close(together, alone[0][0] + alone[1][0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_short_run_writes_a_model_directory_transformers_loads_and_generates_with(tmp_path, dev_model):
+    out = tmp_path / "model"
+    config = TrainConfig(
+        out=str(out), steps=2, batch_size=2, warmup_steps=1, train_examples=6, heldout_examples=2, eval_every=1
+    )
+    log = train(config)
+    assert [e["step"] for e in log["evals"]] == [0, 1, 2]
+    assert json.loads((out / "train_log.json").read_text())["steps"] == 2
+    assert (out / "tokenizer.json").read_bytes() == (dev_model / "tokenizer.json").read_bytes()
+    assert json.loads((out / "config.json").read_text()) == json.loads((dev_model / "config.json").read_text())
+    assert (out / "chat_template.jinja").read_text() == (dev_model / "chat_template.jinja").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    messages = [{"role": "user", "content": "Hello!"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    trained = dict(model.named_parameters())
+    start, _ = build_model(len(tokenizer), [2, 5])
+    assert any(not torch.equal(p, trained[name]) for name, p in start.named_parameters())
