@@ -60,11 +60,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def workloads(quick: bool, system: str, stream_only: bool = False) -> list[dict]:
-    levels = (1, 16, 64) if stream_only or not quick else (1, 16)
+def workloads(quick: bool, system: str, only: str | None = None) -> list[dict]:
+    """The points a system runs; `only`: "stream" (c=1, 16, 64) or "nonstream" (non-streaming, tool
+    and JSON requests), for both servers alone."""
+    levels = (1, 16, 64) if only == "stream" or not quick else (1, 16)
     stream = [{"name": f"stream_c{c}", "concurrency": c, "stream": True} for c in levels]
-    points = [*stream]
-    if system != "engine" and not stream_only:
+    points = [] if only == "nonstream" else [*stream]
+    if system != "engine" and only != "stream":
         points += [
             {"name": "nonstream_c16", "concurrency": 16, "stream": False},
             {"name": "tools_required_c16", "concurrency": 16, "stream": False, "extra": {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False}},
@@ -283,14 +285,14 @@ class EngineSystem:
         self.proc.stdout.close()
 
 
-def run_rounds(quick: bool, repeats: int, stream_only: bool = False) -> tuple[dict, dict]:
+def run_rounds(quick: bool, repeats: int, only: str | None = None) -> tuple[dict, dict]:
     """Each round starts every system afresh, one at a time (two vLLM engines loaded side by side
     disturb each other's streams here, even idle), and runs all its points; the order rotates
     between rounds so drift on a noisy machine favours no system. Returns (per-system medians over
     rounds, per-point ratios: the median of each round's a/b and a/c)."""
     factories = {"jamba-server": lambda: HttpSystem("jamba-server"), "vllm-server": lambda: HttpSystem("vllm-server"),
                  "engine": EngineSystem}  # fmt: skip
-    names = ["jamba-server", "vllm-server"] if stream_only else list(factories)
+    names = ["jamba-server", "vllm-server"] if only else list(factories)
     runs: dict[str, dict[str, list[dict]]] = {name: {} for name in names}
     rss: dict[str, dict[str, float]] = {name: {} for name in names}
     for r in range(repeats):
@@ -299,7 +301,7 @@ def run_rounds(quick: bool, repeats: int, stream_only: bool = False) -> tuple[di
             system = factories[name]()
             try:
                 system.run({"name": "warmup", "concurrency": 16, "stream": True, "requests": 32})  # untimed
-                for point in workloads(quick, name, stream_only):
+                for point in workloads(quick, name, only):
                     summary = system.run(point)
                     runs[name].setdefault(point["name"], []).append(summary)
                     rss[name][point["name"]] = max(rss[name].get(point["name"], 0.0), system.rss())
@@ -545,6 +547,8 @@ def main() -> None:
     parser.add_argument("--rag-only", action="store_true", help="only the multi-turn RAG point (prefix cache on vs off)")
     parser.add_argument("--stream-only", action="store_true",
                         help="only the streaming points (c=1, 16, 64), jamba-server and vLLM's server, into stream.json")  # fmt: skip
+    parser.add_argument("--nonstream-only", action="store_true",
+                        help="only the non-streaming, tool and JSON points, jamba-server and vLLM's server, into nonstream.json")  # fmt: skip
     parser.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
                         help="an extra jamba-server flag (repeatable; e.g. --server-arg=--stream-coalesce-gap=0)")  # fmt: skip
     args = parser.parse_args()
@@ -553,9 +557,10 @@ def main() -> None:
     bulk_rounds = max(2, repeats)  # at least one round in each order
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    if args.stream_only:
-        systems, ratios = run_rounds(args.quick, repeats, stream_only=True)
-        (RESULTS / "stream.json").write_text(json.dumps({
+    if args.stream_only or args.nonstream_only:
+        only = "stream" if args.stream_only else "nonstream"
+        systems, ratios = run_rounds(args.quick, repeats, only=only)
+        (RESULTS / f"{only}.json").write_text(json.dumps({
             "when": time.strftime("%Y-%m-%d %H:%M:%S"), "repeats": repeats, "server_args": SERVER_ARGS,
             "systems": systems, "ratios": ratios}, indent=2))  # fmt: skip
         print_rounds(systems, ratios)
