@@ -119,11 +119,19 @@ class GenerationMetrics:
         PROMPT_TOKENS.labels(self.model).inc(tokens)
 
     def step(self, step: EngineStep) -> None:
-        """Account one engine step as it arrives: first token, inter-token gaps, end to end, tokens."""
+        """Account one engine step as it arrives: first token, inter-token gaps, end to end, tokens.
+        A non-streaming request's single output is timed by the engine (`generation_seconds`): its
+        first token came that long before now, and its gaps average over its tokens."""
         now = time.perf_counter()
         new_tokens = sum(len(c.token_ids) for c in step.choices)
         if new_tokens:
-            if self._last is None:
+            if step.generation_seconds is not None:
+                if self._last is None:
+                    self._ttft.observe(max(0.0, now - step.generation_seconds - self.arrived))
+                per_choice = max(len(c.token_ids) for c in step.choices)
+                if per_choice > 1:
+                    self._itl.observe(step.generation_seconds / (per_choice - 1))
+            elif self._last is None:
                 self._ttft.observe(now - self.arrived)
             else:
                 self._itl.observe((now - self._last) / new_tokens)

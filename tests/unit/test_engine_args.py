@@ -234,15 +234,3 @@ def test_a_grammar_compiler_out_of_stack_is_the_clients_400(monkeypatch):
         adapter.sampling_params(spec)
     assert info.value.param == "response_format.json_schema.schema"
 
-
-def test_a_final_only_spec_asks_vllm_for_the_finished_output_alone():
-    """run-batch never streams: vLLM then builds one output per request, not one per step."""
-    import jamba_server.runtime.vllm_engine as engine
-    from vllm.sampling_params import RequestOutputKind
-
-    from jamba_server.core.sampling import SamplingSpec
-    from jamba_server.settings import Settings
-
-    adapter = engine.EngineAdapter(Settings(model="m"))
-    assert adapter.sampling_params(SamplingSpec(max_tokens=4)).output_kind == RequestOutputKind.DELTA
-    assert adapter.sampling_params(SamplingSpec(max_tokens=4, final_only=True)).output_kind == RequestOutputKind.FINAL_ONLY

@@ -39,11 +39,13 @@ class FakeAsyncLLM:
     def __init__(self, outputs_per_request: list):
         self.outputs = outputs_per_request
         self.started: list = []  # (request_id, the params' stream_interval when vLLM got them)
+        self.kinds: list = []  # the params' output kind when vLLM got them
 
     async def generate(self, prompt, params, request_id, priority=0):
         import asyncio
 
         self.started.append((request_id, params.stream_interval))
+        self.kinds.append(params.output_kind)
         for output in self.outputs:
             await asyncio.sleep(0.001)  # an engine step
             yield output
@@ -100,3 +102,27 @@ def test_the_pace_is_measured_between_a_requests_outputs():
     assert asyncio.run(run([_output(1, finished=True)])) is None  # a prefill alone is no gap
     pace = asyncio.run(run([_output(1), _output(3, finished=True)]))
     assert pace is not None and pace > 0
+
+
+def test_a_non_streaming_request_asks_for_its_whole_output_once_with_the_engines_timing():
+    """Nobody reads a non-streaming request's steps: vLLM builds one output at the end (FINAL_ONLY),
+    and the step carries the engine's first-to-last-token time for the latency metrics."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from vllm.sampling_params import RequestOutputKind
+
+    final = _output(4, finished=True)
+    final.metrics = SimpleNamespace(first_token_ts=100.0, last_token_ts=100.3)
+    adapter = _adapter([final])
+
+    async def run(stream: bool):
+        return [step async for step in adapter.generate([1, 2], _params(), "r", stream=stream)]
+
+    whole = asyncio.run(run(False))
+    assert len(whole) == 1 and abs(whole[0].generation_seconds - 0.3) < 1e-9
+    streamed = asyncio.run(run(True))
+    assert streamed[0].generation_seconds is None  # a stream's steps are timed as they come
+    assert adapter.engine.kinds == [RequestOutputKind.FINAL_ONLY, RequestOutputKind.DELTA]
+    final.metrics = None  # vLLM without stats: no engine timing
+    assert asyncio.run(run(False))[0].generation_seconds is None

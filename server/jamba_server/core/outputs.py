@@ -45,6 +45,9 @@ class EngineStep:
     finished: bool
     prompt_logprobs: PromptLogprobs | None = None  # once, with the first step, when asked for
     prompt_index: int = 0  # which prompt of a multi-prompt request the step is of
+    # A non-streaming request's one output (all its tokens at once): the engine's time from its first
+    # token to its last, for the latency metrics the steps would otherwise have timed.
+    generation_seconds: float | None = None
 
 
 def batch_step(step: EngineStep, prompt_index: int, n: int, prompt_tokens: int, finished: bool) -> EngineStep:

@@ -38,9 +38,6 @@ class SamplingSpec:
     bad_words: tuple[str, ...] = ()
     allowed_token_ids: tuple[int, ...] | None = None
     prompt_logprobs: int | None = None  # top candidates per prompt token (non-streaming)
-    # The finished output only, no per-step deltas: for a caller that never streams (run-batch),
-    # whose front end then builds one output per request instead of one per step.
-    final_only: bool = False
 
 
 def resolve_max_tokens(

@@ -79,30 +79,6 @@ ENDPOINTS: dict[str, Endpoint] = {
 }
 
 
-@dataclass(frozen=True)
-class FinalOutputsOnly:
-    """The engine as `prepare_*` sees it, asking for each request's finished output only: a batch
-    never streams, and vLLM then builds one output per request instead of one per engine step (as
-    vLLM's own non-streaming requests do). Everything else is the engine's."""
-
-    engine: Any
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.engine.tokenizer
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
-    @property
-    def vocab_size(self) -> int:
-        return self.engine.vocab_size
-
-    def engine_params(self, spec: SamplingSpec) -> Any:
-        return self.engine.engine_params(replace(spec, final_only=True))
-
-
 class EngineFailed(Exception):
     """The engine died mid-batch: the run stops (fatal), unfinished lines are not written."""
 
@@ -145,7 +121,7 @@ async def _generate(server: Server, endpoint: Endpoint, request: BatchRequest) -
         raise invalid_body(exc.errors()) from None
     server.check_model(getattr(body, "model", None))
     server.readiness.check()
-    job = await prepare_sized(request.size, endpoint.prepare, body, server, FinalOutputsOnly(server.engine))
+    job = await prepare_sized(request.size, endpoint.prepare, body, server, server.engine)
     loop = asyncio.get_running_loop()
     deadline = None if settings.request_timeout is None else loop.time() + settings.request_timeout
     request_id, engine_request = engine_request_for(server, job, time.perf_counter(), deadline)

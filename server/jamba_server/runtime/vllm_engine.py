@@ -186,8 +186,9 @@ class EngineAdapter:
             skip_special_tokens=not spec.keep_special_tokens,
             spaces_between_special_tokens=False,
             structured_outputs=structured,
-            # FINAL_ONLY's one output is the whole completion: a delta from nothing, as `generate` reads it.
-            output_kind=RequestOutputKind.FINAL_ONLY if spec.final_only else RequestOutputKind.DELTA,
+            # Per-step deltas; `generate` asks a non-streaming request's for its whole output at once
+            # (FINAL_ONLY: a delta from nothing, as it reads it).
+            output_kind=RequestOutputKind.DELTA,
         )
         if spec.constraint is not None:
             check_constraint(params, spec.constraint)
@@ -259,6 +260,10 @@ class EngineAdapter:
             timer = loop.call_at(deadline, lambda: loop.create_task(self.abort(request_id, "deadline")))
         if stream:
             self._give_stream_interval(params)
+        else:
+            # Nobody reads a non-streaming request's steps: vLLM builds its output once, at the end,
+            # instead of a RequestOutput per engine step (as vLLM's own server asks for them).
+            params.output_kind = RequestOutputKind.FINAL_ONLY
         pace, last = self.pace, None
         self._active[request_id] = None
         self.streams += stream
@@ -279,6 +284,7 @@ class EngineAdapter:
                         prompt_tokens=len(output.prompt_token_ids or prompt_token_ids),
                         finished=output.finished,
                         prompt_logprobs=_prompt_logprobs(output.prompt_logprobs),
+                        generation_seconds=None if stream else _generation_seconds(output),
                     )
         except (EngineDeadError, EngineGenerateError) as exc:
             raise ServiceUnavailableError(f"the engine failed: {exc}") from exc
@@ -345,6 +351,14 @@ def _control_char_tokens(tokenizer: Any) -> list[int]:
         for token_id in range(len(tokenizer))
         if token_id not in special and any(ord(ch) < 0x20 for ch in tokenizer.decode([token_id]))
     ]
+
+
+def _generation_seconds(output: Any) -> float | None:
+    """The engine's time from a request's first token to its last (its stats, kept while vLLM logs
+    stats), None without them."""
+    stats = getattr(output, "metrics", None)
+    first, last = getattr(stats, "first_token_ts", 0.0), getattr(stats, "last_token_ts", 0.0)
+    return last - first if first and last >= first else None
 
 
 def _choice_delta(output: Any, want_logprobs: int | None) -> ChoiceDelta:
