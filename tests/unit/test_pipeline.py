@@ -69,7 +69,7 @@ class SaltEngine:
     def engine_params(self, spec):
         return spec
 
-    async def generate(self, prompt_ids, params, request_id, deadline=None, *, priority=0, cache_salt=None):
+    async def generate(self, prompt_ids, params, request_id, deadline=None, *, priority=0, cache_salt=None, stream=False):
         self.salts.append(cache_salt)
         yield EngineStep(choices=(ChoiceDelta(0, "x", (5,), finish_reason="length"),), prompt_tokens=len(prompt_ids), finished=True)
 
