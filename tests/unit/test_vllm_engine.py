@@ -117,10 +117,13 @@ def test_a_non_streaming_request_asks_for_its_whole_output_once_with_the_engines
     adapter = _adapter([final])
 
     async def run(stream: bool):
-        return [step async for step in adapter.generate([1, 2], _params(), "r", stream=stream)]
+        params = _params()
+        params.output_kind = RequestOutputKind.DELTA  # as the adapter's sampling_params builds them
+        return [step async for step in adapter.generate([1, 2], params, "r", stream=stream)]
 
     whole = asyncio.run(run(False))
     assert len(whole) == 1 and abs(whole[0].generation_seconds - 0.3) < 1e-9
+    assert abs(adapter.pace.seconds_per_token - 0.1) < 1e-9  # the engine's pace: 0.3 s over 3 gaps
     streamed = asyncio.run(run(True))
     assert streamed[0].generation_seconds is None  # a stream's steps are timed as they come
     assert adapter.engine.kinds == [RequestOutputKind.FINAL_ONLY, RequestOutputKind.DELTA]

@@ -233,6 +233,17 @@ class EngineAdapter:
         params.stream_interval = self.coalesce.interval(self.streams + 1, self.pace.seconds_per_token)
         STREAM_INTERVAL.labels(self.settings.public_model_name).observe(params.stream_interval)
 
+    def _observe_pace(self, output: Any, gap: float | None, generation: float | None) -> None:
+        """The engine's pace (for the stream interval) from a stream's gap between two outputs, or
+        from a whole output's engine timing (its tokens' gaps, first to last)."""
+        if not output.outputs:
+            return
+        tokens = len(output.outputs[0].token_ids)
+        if generation is not None:
+            self.pace.observe(generation, tokens - 1)
+        elif gap is not None:
+            self.pace.observe(gap, tokens)
+
     async def generate(
         self,
         prompt_token_ids: list[int],
@@ -264,7 +275,7 @@ class EngineAdapter:
             # Nobody reads a non-streaming request's steps: vLLM builds its output once, at the end,
             # instead of a RequestOutput per engine step (as vLLM's own server asks for them).
             params.output_kind = RequestOutputKind.FINAL_ONLY
-        pace, last = self.pace, None
+        last = None
         self._active[request_id] = None
         self.streams += stream
         try:
@@ -275,16 +286,16 @@ class EngineAdapter:
                     cause = self._active.get(request_id)
                     if cause is not None or any(o.finish_reason == "abort" for o in output.outputs):
                         raise self._abort_error(cause)
+                    generation = None if stream else _generation_seconds(output)
                     now = loop.time()
-                    if last is not None and output.outputs:
-                        pace.observe(now - last, len(output.outputs[0].token_ids))
+                    self._observe_pace(output, None if last is None else now - last, generation)
                     last = now
                     yield EngineStep(
                         choices=tuple(_choice_delta(o, want) for o in output.outputs),
                         prompt_tokens=len(output.prompt_token_ids or prompt_token_ids),
                         finished=output.finished,
                         prompt_logprobs=_prompt_logprobs(output.prompt_logprobs),
-                        generation_seconds=None if stream else _generation_seconds(output),
+                        generation_seconds=generation,
                     )
         except (EngineDeadError, EngineGenerateError) as exc:
             raise ServiceUnavailableError(f"the engine failed: {exc}") from exc
