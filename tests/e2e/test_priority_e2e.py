@@ -57,4 +57,6 @@ def test_queued_requests_are_admitted_lower_priority_first(server, client):
             wait_for(lambda: server.metric("jamba_requests_queued") == 2, 30, server.request_gauges)
         for future in futures:
             future.result(timeout=300)
+    # The access log line is written as the response ends, so it can trail the client's return.
+    wait_for(lambda: len(_served_order(server, ids)) == 3, 30, lambda: f"logged: {_served_order(server, ids)}")
     assert _served_order(server, ids) == ["first", "urgent", "later"]
