@@ -17,7 +17,7 @@ import stat
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import IO, Any, AsyncIterator, Callable, Iterator
 
 from pydantic import BaseModel, ValidationError
@@ -38,7 +38,6 @@ from jamba_server.core.batch import (
 from jamba_server.core.outputs import EngineStep
 from jamba_server.core.prepare import EngineFacts, GenerationJob, prepare_chat, prepare_completion
 from jamba_server.core.responses_api import prepare_responses
-from jamba_server.core.sampling import SamplingSpec
 from jamba_server.errors import APIError, InternalServerError, RateLimitError, RequestTooLargeError, invalid_body
 from jamba_server.metrics import record_rejection
 from jamba_server.protocol import ChatCompletionRequest, CompletionRequest

@@ -228,10 +228,15 @@ class EngineAdapter:
             return ServiceUnavailableError("The server shut down before the request finished.", code="shutting_down")
         return ServiceUnavailableError("The engine aborted the request.")
 
-    def _give_stream_interval(self, params: SamplingParams) -> None:
-        """A stream starting now (it counts itself among those running) gets the policy's interval."""
-        params.stream_interval = self.coalesce.interval(self.streams + 1, self.pace.seconds_per_token)
-        STREAM_INTERVAL.labels(self.settings.public_model_name).observe(params.stream_interval)
+    def _shape_outputs(self, params: SamplingParams, stream: bool) -> None:
+        """A stream starting now (it counts itself among those running) gets the policy's interval.
+        Nobody reads a non-streaming request's steps: vLLM builds its output once, at the end,
+        instead of a RequestOutput per engine step (as vLLM's own server asks for them)."""
+        if stream:
+            params.stream_interval = self.coalesce.interval(self.streams + 1, self.pace.seconds_per_token)
+            STREAM_INTERVAL.labels(self.settings.public_model_name).observe(params.stream_interval)
+        else:
+            params.output_kind = RequestOutputKind.FINAL_ONLY
 
     def _observe_pace(self, output: Any, gap: float | None, generation: float | None) -> None:
         """The engine's pace (for the stream interval) from a stream's gap between two outputs, or
@@ -269,12 +274,7 @@ class EngineAdapter:
         timer = None
         if deadline is not None:
             timer = loop.call_at(deadline, lambda: loop.create_task(self.abort(request_id, "deadline")))
-        if stream:
-            self._give_stream_interval(params)
-        else:
-            # Nobody reads a non-streaming request's steps: vLLM builds its output once, at the end,
-            # instead of a RequestOutput per engine step (as vLLM's own server asks for them).
-            params.output_kind = RequestOutputKind.FINAL_ONLY
+        self._shape_outputs(params, stream)
         last = None
         self._active[request_id] = None
         self.streams += stream
@@ -290,13 +290,7 @@ class EngineAdapter:
                     now = loop.time()
                     self._observe_pace(output, None if last is None else now - last, generation)
                     last = now
-                    yield EngineStep(
-                        choices=tuple(_choice_delta(o, want) for o in output.outputs),
-                        prompt_tokens=len(output.prompt_token_ids or prompt_token_ids),
-                        finished=output.finished,
-                        prompt_logprobs=_prompt_logprobs(output.prompt_logprobs),
-                        generation_seconds=generation,
-                    )
+                    yield _engine_step(output, want, len(prompt_token_ids), generation)
         except (EngineDeadError, EngineGenerateError) as exc:
             raise ServiceUnavailableError(f"the engine failed: {exc}") from exc
         except (ValueError, VLLMClientError) as exc:  # vLLM's own request validation
@@ -370,6 +364,17 @@ def _generation_seconds(output: Any) -> float | None:
     stats = getattr(output, "metrics", None)
     first, last = getattr(stats, "first_token_ts", 0.0), getattr(stats, "last_token_ts", 0.0)
     return last - first if first and last >= first else None
+
+
+def _engine_step(output: Any, want_logprobs: int | None, prompt_tokens: int, generation: float | None) -> EngineStep:
+    """One vLLM `RequestOutput` as plain data."""
+    return EngineStep(
+        choices=tuple(_choice_delta(o, want_logprobs) for o in output.outputs),
+        prompt_tokens=len(output.prompt_token_ids or ()) or prompt_tokens,
+        finished=output.finished,
+        prompt_logprobs=_prompt_logprobs(output.prompt_logprobs),
+        generation_seconds=generation,
+    )
 
 
 def _choice_delta(output: Any, want_logprobs: int | None) -> ChoiceDelta:
