@@ -44,6 +44,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1
     max_minutes: float | None = None  # stop early (and save) after this long
+    save_every: int = 0  # also save the model every this many steps (0: only at the end)
 
 
 def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -223,6 +224,9 @@ def _train(config: TrainConfig) -> dict[str, Any]:
             entry = {"step": step, "batch_loss": batch_loss, **_losses(model, probes, config.batch_size, pad_id)}
             log["evals"].append(entry)
             print(json.dumps(entry), flush=True)
+        if config.save_every and step % config.save_every == 0 and step < config.steps:
+            save(model, generation, tokenizer, Path(config.out), {**log, "steps": step})
+            model.train()
     if log["evals"][-1]["step"] != step:
         log["evals"].append({"step": step, **_losses(model, probes, config.batch_size, pad_id)})
         print(json.dumps(log["evals"][-1]), flush=True)

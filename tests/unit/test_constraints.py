@@ -280,7 +280,9 @@ def test_completions_take_structured_outputs(engine):
     assert set(job.engine_params.logit_bias) == SPECIAL - {2, 5}
     assert job.features == ("structured_outputs",)
     job = prepare_completion(completion(structured_outputs={"choice": ["a", "b"]}), engine, SETTINGS)
-    assert job.engine_params.structured_outputs.grammar == 'root ::= "a" | "b"'  # vLLM's own rewrite
+    # Checked on a copy: vLLM's add_request validates the request's parameters itself and rewrites
+    # the choice as a grammar there (the choice e2e test shows it takes effect).
+    assert job.engine_params.structured_outputs.choice == ["a", "b"]
     with pytest.raises(InvalidRequestError) as info:
         prepare_completion(
             completion(structured_outputs={"regex": "a"}, response_format={"type": "json_object"}), engine, SETTINGS
@@ -378,3 +380,72 @@ def test_verbatim_parser_keeps_citation_mode_empty_list():
     """JSON mode with citation mode (accepted before structured_outputs) reports no citations."""
     parsed = parse_output('{"a":1}', ParserConfig(verbatim=True, citation_mode=True, document_titles=("t",)))
     assert parsed.content == '{"a":1}' and parsed.citations == []
+
+
+# --- the checks' memo ---------------------------------------------------------------------------------
+
+
+def test_memoized_check_runs_once_per_value_and_answers_alike():
+    """Same JSON value → the check runs once, valid or not; a different value, or one too big to
+    remember, is checked on its own."""
+    from jamba_server.core import constraints
+
+    seen = []
+
+    @constraints.memoized_check
+    def problem(value):
+        seen.append(value)
+        return None if value.get("ok") else "bad"
+
+    assert [problem({"ok": True}), problem({"ok": True}), problem({"ok": False}), problem({"ok": False})] == [None, None, "bad", "bad"]
+    assert seen == [{"ok": True}, {"ok": False}]
+    big = {"ok": True, "pad": "x" * constraints.MEMO_MAX_CHARS}
+    problem(big), problem(big)
+    assert len(seen) == 4
+    problem({"ok": True, "nan": float("nan")})  # not JSON text: checked, not remembered
+    assert len(seen) == 5
+
+
+def test_a_remembered_schema_or_grammar_answers_as_the_check_did(monkeypatch):
+    """Through the real checks: a repeat of a valid and of an invalid schema (and grammar) gets the
+    same outcome and the same 400 without running the checker again."""
+    import jamba_server.core.constraints as constraints
+    import jamba_server.runtime.vllm_engine as engine
+
+    calls = {"metaschema": 0, "grammar": 0}
+    real_validator_for, real_validate = constraints.validator_for, engine.validate_xgrammar_grammar
+
+    def counting_validator_for(schema):
+        calls["metaschema"] += 1
+        return real_validator_for(schema)
+
+    def counting_validate(params):
+        calls["grammar"] += 1
+        return real_validate(params)
+
+    monkeypatch.setattr(constraints, "validator_for", counting_validator_for)
+    monkeypatch.setattr(engine, "validate_xgrammar_grammar", counting_validate)
+    constraints.metaschema_problem.cache_clear(), engine.grammar_problem.cache_clear()
+    try:
+        bad_schema = {"type": "object", "properties": {"a": {"type": 7}}}
+        outcomes = []
+        for schema in (SCHEMA, SCHEMA, bad_schema, bad_schema):
+            try:
+                constraints.check_schema(schema, "p")
+                outcomes.append(None)
+            except InvalidRequestError as exc:
+                outcomes.append((exc.param, exc.message))
+        assert outcomes[:2] == [None, None] and outcomes[2] == outcomes[3] and outcomes[2][0] == "p"
+        assert calls["metaschema"] == 2
+        regex = OutputConstraint("regex", "(unclosed", "structured_outputs.regex")
+        errors = []
+        for _ in range(2):
+            with pytest.raises(InvalidRequestError) as info:
+                engine.check_constraint(regex)
+            errors.append((info.value.param, info.value.message))
+        engine.check_constraint(OutputConstraint("choice", ("a", "b"), "structured_outputs.choice"))
+        engine.check_constraint(OutputConstraint("choice", ("a", "b"), "structured_outputs.choice"))
+        assert errors[0] == errors[1] and errors[0][0] == "structured_outputs.regex"
+        assert calls["grammar"] == 2
+    finally:
+        constraints.metaschema_problem.cache_clear(), engine.grammar_problem.cache_clear()

@@ -10,9 +10,10 @@ backend cannot take is a 400 naming its field before admission, never an engine 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from jsonschema import SchemaError
 from jsonschema.validators import validator_for
@@ -71,16 +72,47 @@ def check_schema(schema: dict[str, Any], param: str, max_nesting: int = MAX_JSON
     """Bounds first (no recursion), then jsonschema's metaschema check; whatever the checker cannot
     take is still the client's schema: a 400 naming `param`, never a 500."""
     check_schema_limits(schema, param, max_nesting=max_nesting)
+    problem = metaschema_problem(schema)
+    if problem is not None:
+        raise InvalidRequestError(problem, param=param)
+
+
+MEMO_ENTRIES = 512
+MEMO_MAX_CHARS = 64 * 1024  # a bigger value is checked every time: the memo holds at most 32 MiB
+
+
+def memoized_check(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    """`check` (pure: a JSON value → its problem, or None) remembered for the last `MEMO_ENTRIES`
+    values by their JSON text. Production clients send the same tools and schemas request after
+    request, and a metaschema or grammar check costs milliseconds: more than generating the reply's
+    tokens costs the API process."""
+    remembered = functools.lru_cache(maxsize=MEMO_ENTRIES)(lambda text: check(json.loads(text)))
+
+    def run(value: Any) -> str | None:
+        try:
+            text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError, RecursionError):
+            return check(value)
+        return remembered(text) if len(text) <= MEMO_MAX_CHARS else check(value)
+
+    run.cache_clear = remembered.cache_clear  # type: ignore[attr-defined]
+    return run
+
+
+@memoized_check
+def metaschema_problem(schema: dict[str, Any]) -> str | None:
+    """Why `schema` is not a valid JSON schema (jsonschema's metaschema check), or None."""
     if not isinstance(schema.get("$schema", ""), str):  # validator_for looks it up in a dict
-        raise InvalidRequestError("invalid JSON schema: `$schema` must be a URI string", param=param)
+        return "invalid JSON schema: `$schema` must be a URI string"
     try:
         validator_for(schema).check_schema(schema)
     except SchemaError as exc:
-        raise InvalidRequestError(f"invalid JSON schema: {exc.message}", param=param) from exc
+        return f"invalid JSON schema: {exc.message}"
     except RecursionError:
-        raise InvalidRequestError("invalid JSON schema: it nests too deeply to check", param=param) from None
+        return "invalid JSON schema: it nests too deeply to check"
     except OverflowError as exc:  # a regex repeat count past what Python's `re` takes
-        raise InvalidRequestError(f"invalid JSON schema: a pattern cannot be compiled: {exc}", param=param) from exc
+        return f"invalid JSON schema: a pattern cannot be compiled: {exc}"
+    return None
 
 
 def _json_object_text(value: str | dict[str, Any], param: str, what: str, nesting: int) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
 
 from jamba_server.core.coalescing import CoalescePolicy, TokenPace
-from jamba_server.core.constraints import OutputConstraint
+from jamba_server.core.constraints import OutputConstraint, memoized_check
 from jamba_server.core.outputs import ChoiceDelta, EngineStep, PromptLogprobs, PromptTokenLogprob, TokenLogprob
 from jamba_server.core.prompt import control_spellings
 from jamba_server.core.sampling import SamplingSpec
@@ -191,7 +191,7 @@ class EngineAdapter:
             output_kind=RequestOutputKind.DELTA,
         )
         if spec.constraint is not None:
-            check_constraint(params, spec.constraint)
+            check_constraint(spec.constraint)
         return params
 
     def engine_params(self, spec: SamplingSpec) -> SamplingParams:
@@ -319,20 +319,30 @@ _CONSTRAINT_NAMES = {
 }
 
 
-def check_constraint(params: SamplingParams, constraint: OutputConstraint) -> None:
+def check_constraint(constraint: OutputConstraint) -> None:
     """Compile-check the output constraint with vLLM's own xgrammar validation (the check vLLM's
     server runs before admission), so a schema, regex, grammar or tag the grammar backend cannot take
-    is the client's 400 naming the field, not an engine error. Needs no engine."""
+    is the client's 400 naming the field, not an engine error. Needs no engine. It checks a copy:
+    vLLM's `add_request` validates the request's own parameters again (and rewrites a `choice`)."""
+    problem = grammar_problem(constraint.vllm_fields())
+    if problem is not None:
+        raise InvalidRequestError(
+            f"{_CONSTRAINT_NAMES[constraint.kind]} cannot be compiled by the grammar backend: {problem}",
+            param=constraint.param,
+        )
+
+
+@memoized_check
+def grammar_problem(fields: dict[str, Any]) -> str | None:
+    """Why vLLM's xgrammar validation refuses these `StructuredOutputsParams` fields, or None."""
     try:
-        validate_xgrammar_grammar(params)
+        validate_xgrammar_grammar(SamplingParams(structured_outputs=StructuredOutputsParams(**fields)))
     except (ValueError, RuntimeError, VLLMClientError) as exc:
         message, cause = _xgrammar_message(exc), exc.__cause__
         if cause is not None and _xgrammar_message(cause) not in message:
             message = f"{message.rstrip('.')}: {_xgrammar_message(cause)}"
-        raise InvalidRequestError(
-            f"{_CONSTRAINT_NAMES[constraint.kind]} cannot be compiled by the grammar backend: {message}",
-            param=constraint.param,
-        ) from exc
+        return message
+    return None
 
 
 # xgrammar's errors start with a time and a source location: `[15:00:34] /project/cpp/x.cc:83: `.
