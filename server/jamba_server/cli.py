@@ -1,5 +1,6 @@
-"""`jamba-server` command: settings → engine adapter → FastAPI app → uvicorn; `jamba-server run-batch`:
-the same engine and pipeline over a batch file (runtime/batch.py)."""
+"""`jamba-server` command: settings → engine adapter → FastAPI app → uvicorn (with `api_server_count`
+N > 1: a supervisor, the engine core and N such API processes, runtime/vllm_api_servers.py);
+`jamba-server run-batch`: the same engine and pipeline over a batch file (runtime/batch.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import asyncio
 import os
 import signal
 import sys
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from jamba_server.logs import configure_logging
 from jamba_server.settings import Settings, SettingsError, build_arg_parser, settings_from_args
 
+if TYPE_CHECKING:
+    from jamba_server.runtime.vllm_api_servers import ApiWorker
 
 BATCH_COMMAND = "run-batch"
 
@@ -25,6 +28,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings is None:
         return 2
     prepare_process(settings)
+    if settings.api_server_count > 1:
+        from jamba_server.runtime.vllm_api_servers import supervise
+
+        return supervise(settings)
     return serve(settings)
 
 
@@ -41,8 +48,8 @@ def checked_settings(parser: argparse.ArgumentParser, argv: Sequence[str], comma
     return settings, args
 
 
-def prepare_process(settings: Settings) -> None:
-    configure_logging(settings.log_level, settings.log_format)
+def prepare_process(settings: Settings, api_worker: int | None = None) -> None:
+    configure_logging(settings.log_level, settings.log_format, api_worker)
     # Preset environment (e.g. VLLM_CPU_KVCACHE_SPACE) must be in place before vLLM is imported;
     # a variable already set in the real environment wins.
     for name, value in settings.env.items():
@@ -79,8 +86,9 @@ def run_batch_command(argv: Sequence[str]) -> int:
     return run_batch(settings, args.input, args.output, args.resume)
 
 
-def serve(settings: Settings) -> int:
-    """Run the server until it is stopped (0) or its engine fails (1)."""
+def serve(settings: Settings, worker: ApiWorker | None = None) -> int:
+    """Run the server until it is stopped (0) or its engine fails (1); a `worker` (one API process
+    of several) serves on the supervisor's socket, attached to the engine core they share."""
     import uvicorn
 
     from jamba_server.http.app import create_app
@@ -94,7 +102,7 @@ def serve(settings: Settings) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, EngineAdapter(settings), on_fatal=on_fatal)
+    app = create_app(settings, EngineAdapter(settings, worker and worker.seat), on_fatal=on_fatal)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -106,6 +114,10 @@ def serve(settings: Settings) -> int:
         timeout_keep_alive=settings.timeout_keep_alive,
         limit_concurrency=settings.limit_concurrency,
     )
+    if worker is not None:
+        server = worker.server(config, app.state.server, lambda: bool(failed))
+        worker.run(server)
+        return 1 if failed else 0
     server = draining_server(config, app.state.server, lambda: bool(failed))
     # uvicorn re-raises the signal it stopped on once it has shut down; a drained SIGTERM/SIGINT
     # is a clean exit (status 0), so make that re-raise a no-op.
@@ -115,12 +127,13 @@ def serve(settings: Settings) -> int:
     return 1 if failed else 0
 
 
-def draining_server(config: Any, runtime: Any, failed: Callable[[], bool]) -> Any:
+def draining_server(config: Any, runtime: Any, failed: Callable[[], bool], base: type | None = None, **kwargs: Any) -> Any:
     """A uvicorn server whose first SIGTERM/SIGINT drains `runtime` (ready → 503, new requests 503,
-    in-flight finish), then exits; a second one, or one after a failure, exits at once."""
+    in-flight finish), then exits; a second one, or one after a failure, exits at once. `base` (a
+    `uvicorn.Server` subclass, built with `kwargs`) in place of uvicorn's own."""
     import uvicorn
 
-    class DrainingServer(uvicorn.Server):
+    class DrainingServer(base or uvicorn.Server):  # type: ignore[misc]
         drain_started = False
         loop: asyncio.AbstractEventLoop | None = None
 
@@ -140,7 +153,7 @@ def draining_server(config: Any, runtime: Any, failed: Callable[[], bool]) -> An
             await runtime.drain()
             self.should_exit = True
 
-    return DrainingServer(config)
+    return DrainingServer(config, **kwargs)
 
 
 def run() -> None:

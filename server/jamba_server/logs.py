@@ -38,8 +38,24 @@ def bounded_traceback(exc: BaseException, max_chars: int = MAX_TRACEBACK_CHARS) 
     return "".join(head) + f"  ... [{omitted} characters omitted] ...\n" + "".join(reversed(tail))
 
 
-def configure_logging(level: str, fmt: str) -> None:
+class _ApiWorkerField(logging.Filter):
+    """Stamps each record with the API process that logged it (`api_server_count` > 1)."""
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.api_worker = self.index
+        return True
+
+
+def configure_logging(level: str, fmt: str, api_worker: int | None = None) -> None:
+    """Log lines to stderr; an API process of a multi-process server (`api_worker`, its index) adds
+    `api_worker` to each line."""
     handler = logging.StreamHandler(sys.stderr)
+    if api_worker is not None:
+        handler.addFilter(_ApiWorkerField(api_worker))
     if fmt == "json":
         handler.setFormatter(
             JsonFormatter(
@@ -48,7 +64,8 @@ def configure_logging(level: str, fmt: str) -> None:
             )
         )
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        worker = "" if api_worker is None else " [api_worker %(api_worker)s]"
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s{worker} %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

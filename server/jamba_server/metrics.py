@@ -1,6 +1,12 @@
 """The server's own Prometheus metrics. vLLM's `vllm:*` families share the same default registry,
 so one `/metrics` serves both. Naming follows Prometheus: base units, `_total` counters,
-`_seconds` histograms."""
+`_seconds` histograms.
+
+An API process of a multi-process server (`api_server_count` > 1) calls `merge_processes()` first:
+every process then writes its values to files in PROMETHEUS_MULTIPROC_DIR (prometheus_client's
+multiprocess mode; the supervisor sets it before any process starts) and `/metrics`, whichever
+process answers, merges them all, vLLM's included. Counters and histograms add up; each gauge says
+how (`multiprocess_mode`; the `live` modes drop a process that has exited)."""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import json
 import time
 from typing import Any, Callable, Iterable
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 from jamba_server.core.outputs import EngineStep
 
@@ -20,8 +26,10 @@ BUILD_INFO = Gauge(
     "jamba_build_info",
     "Build information of the running server (value is always 1).",
     ["version", "vllm_version", "model", "tensor_parallel_size", "quantization"],
+    multiprocess_mode="max",
 )
-ENGINE_READY = Gauge("jamba_engine_ready", "1 when the engine is loaded and alive, else 0.")
+# Merged over API processes: 1 only while every one of them is attached to a live engine.
+ENGINE_READY = Gauge("jamba_engine_ready", "1 when the engine is loaded and alive, else 0.", multiprocess_mode="livemin")
 
 # ---- HTTP
 HTTP_REQUESTS = Counter(
@@ -31,7 +39,7 @@ HTTP_DURATION = Histogram(
     "jamba_http_request_duration_seconds", "HTTP request duration until the response is sent.",
     ["route", "method"], buckets=LATENCY_BUCKETS,
 )  # fmt: skip
-HTTP_IN_FLIGHT = Gauge("jamba_http_requests_in_flight", "HTTP requests being handled.")
+HTTP_IN_FLIGHT = Gauge("jamba_http_requests_in_flight", "HTTP requests being handled.", multiprocess_mode="livesum")
 
 # ---- generation
 TTFT = Histogram("jamba_time_to_first_token_seconds", "Time from request arrival to the first output token.", ["model"], buckets=LATENCY_BUCKETS)
@@ -57,9 +65,13 @@ FEATURES = Counter(
 )
 
 # ---- admission
-REQUESTS_RUNNING = Gauge("jamba_requests_running", "Requests admitted to the engine and not yet finished (this server's count).")
-REQUESTS_QUEUED = Gauge("jamba_requests_queued", "Requests waiting in this server's admission queue.")
-ADMISSION_LIMIT = Gauge("jamba_admission_limit", "Configured admission limits.", ["kind"])
+REQUESTS_RUNNING = Gauge(
+    "jamba_requests_running", "Requests admitted to the engine and not yet finished (this server's count).",
+    multiprocess_mode="livesum",
+)  # fmt: skip
+REQUESTS_QUEUED = Gauge("jamba_requests_queued", "Requests waiting in this server's admission queue.", multiprocess_mode="livesum")
+# Merged over API processes: the whole server's limits, the sum of the processes' shares.
+ADMISSION_LIMIT = Gauge("jamba_admission_limit", "Configured admission limits.", ["kind"], multiprocess_mode="livesum")
 REJECTED = Counter(
     "jamba_requests_rejected_total", "Requests rejected before generation, by reason.", ["reason"]
 )  # reasons: overloaded (429), draining (503), too_large (413), unauthorized (401)
@@ -86,9 +98,46 @@ for _outcome in ("parsed", "fell_back"):
 REJECTION_REASONS = {429: "overloaded", 503: "draining", 413: "too_large", 401: "unauthorized"}
 
 
-def track_admission(running: Callable[[], float], queued: Callable[[], float]) -> None:
-    REQUESTS_RUNNING.set_function(running)
-    REQUESTS_QUEUED.set_function(queued)
+_merged_registry: CollectorRegistry | None = None
+
+
+def merge_processes() -> None:
+    """From now on this process's gauges are published as they change and `/metrics` serves every
+    API process's metrics merged (call it before the app is built)."""
+    global _merged_registry
+    _merged_registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(_merged_registry)
+
+
+def exposition_registry() -> CollectorRegistry:
+    """What `/metrics` serves: this process's registry, or every API process's merged."""
+    return _merged_registry or REGISTRY
+
+
+def observed_gauge(gauge: Gauge, value: Callable[[], float]) -> Callable[[], None]:
+    """`gauge` reads `value()`: at each scrape, or, when processes are merged (a scrape cannot call
+    into the other processes), whenever the returned function is called (called once here)."""
+    if _merged_registry is None:
+        gauge.set_function(value)
+        return lambda: None
+
+    def publish() -> None:
+        gauge.set(value())
+
+    publish()
+    return publish
+
+
+def track_admission(running: Callable[[], float], queued: Callable[[], float]) -> Callable[[], None]:
+    """The running and queued gauges read these; call the returned function when either changes."""
+    publish_running = observed_gauge(REQUESTS_RUNNING, running)
+    publish_queued = observed_gauge(REQUESTS_QUEUED, queued)
+
+    def publish() -> None:
+        publish_running()
+        publish_queued()
+
+    return publish
 
 
 def record_rejection(status: int, code: str | None) -> None:

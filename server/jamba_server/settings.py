@@ -78,6 +78,9 @@ class Settings(BaseModel):
     stream_interval: int = Field(1, ge=1)
     stream_coalesce_gap: float = Field(0.05, ge=0)
     stream_coalesce_min_streams: int = Field(4, ge=1)
+    # vLLM's multi-API-server layout: this many API processes over one engine core, on one socket,
+    # each with its share of the admission limits (runtime/vllm_api_servers.py). 1: one process.
+    api_server_count: int = Field(1, ge=1)
 
     # Admission control (see runtime/admission.py)
     # Engine slots, in sequences (a request with n choices takes n); default the engine's max_num_seqs.
@@ -211,6 +214,7 @@ _SCALAR_FIELDS: dict[str, Any] = {
     "stream_interval": int,
     "stream_coalesce_gap": float,
     "stream_coalesce_min_streams": int,
+    "api_server_count": int,
     "max_concurrent_requests": int,
     "max_queued_requests": int,
     "max_tokens_in_flight": int,
@@ -336,6 +340,7 @@ _FLAG_HELP: dict[str, tuple[str, str]] = {
     "stream_interval": ("server", "vLLM's: at least this many tokens per streamed chunk"),
     "stream_coalesce_gap": ("server", "under load, streamed chunks gather the tokens of up to this many seconds of engine steps (0: off)"),
     "stream_coalesce_min_streams": ("server", "streams running before stream_coalesce_gap applies"),
+    "api_server_count": ("server", "API processes over one engine core (vLLM's layout); each gets its share of the admission limits"),
     "responses_store_max_entries": ("server", "Responses API store: most responses kept"),
     "responses_store_max_bytes": ("server", "Responses API store: most bytes kept"),
     "responses_store_ttl": ("server", "Responses API store: seconds a response is kept"),

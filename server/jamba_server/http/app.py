@@ -32,7 +32,7 @@ _REQUESTS_NAMING_THE_MODEL = (
 
 def create_app(settings: Settings, engine: Engine, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
     server = Server(settings, engine, engine_version=VLLM_VERSION)
-    track_admission(lambda: server.admission.running, lambda: server.admission.queued)
+    server.admission.on_change = track_admission(lambda: server.admission.running, lambda: server.admission.queued)
 
     def fatal(reason: str) -> None:
         logger.error("fatal: %s", reason)

@@ -9,6 +9,10 @@ The queue is ordered by the request's `priority` (lower first, as vLLM's priorit
 by arrival: with every priority 0 (the only one an fcfs server accepts) it is FIFO. Only the head is
 admitted, so a large request at the head is not starved by smaller ones behind it; a request that
 arrives with a lower priority than the head goes ahead of it, and may be admitted at once.
+
+With `api_server_count` N > 1 each API process has its own controller holding its share of the
+limits (`worker_settings`: a static split). The cost: one process may refuse (429) a request while
+another has room, since a connection's requests all go to the process that accepted it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import bisect
 import itertools
 from dataclasses import dataclass, field
+from typing import Callable
 
 from jamba_server.errors import RateLimitError, shutting_down
 from jamba_server.settings import Settings
@@ -52,6 +57,9 @@ class AdmissionController:
         self.draining = False
         self._queue: list[_Waiter] = []  # sorted by `order`
         self._arrivals = itertools.count()
+        # Called after `running` or `queued` changes (the metrics of a multi-process server publish
+        # their gauges then: its scrape cannot call into the other processes).
+        self.on_change: Callable[[], None] = lambda: None
 
     @property
     def queued(self) -> int:
@@ -72,6 +80,7 @@ class AdmissionController:
         self.running += 1
         self.running_sequences += sequences
         self.running_tokens += tokens
+        self.on_change()
         return Ticket(tokens, self, sequences)
 
     def _retry_headers(self) -> dict[str, str]:
@@ -100,6 +109,7 @@ class AdmissionController:
             self._reject()
         waiter = _Waiter(tokens, sequences, (priority, next(self._arrivals)))
         bisect.insort(self._queue, waiter, key=lambda w: w.order)
+        self.on_change()
         self._wake()  # at the head, it may fit where the previous head did not
         try:
             return await waiter.future
@@ -108,6 +118,7 @@ class AdmissionController:
                 self.release(waiter.future.result())  # admitted just as we were cancelled
             elif waiter in self._queue:
                 self._queue.remove(waiter)
+                self.on_change()
                 self._wake()  # the next waiter may fit where this one did not
             raise
 
@@ -118,6 +129,7 @@ class AdmissionController:
         self.running -= 1
         self.running_sequences -= ticket.sequences
         self.running_tokens -= ticket.tokens
+        self.on_change()
         self._wake()
 
     def _wake(self) -> None:
@@ -147,3 +159,28 @@ def controller_for(settings: Settings, engine_slots: int | None) -> AdmissionCon
         max_tokens=settings.max_tokens_in_flight,
         retry_after=settings.retry_after_seconds,
     )
+
+
+# The limits an API process of a multi-process server holds its share of.
+SPLIT_LIMITS = ("max_concurrent_requests", "max_queued_requests", "max_tokens_in_flight", "limit_concurrency")
+
+
+def worker_share(total: int, workers: int, index: int) -> int:
+    """Worker `index`'s part of `total` over `workers`: equal parts, the remainder to the first
+    workers, never below 1 (so the parts add up to more than a total below `workers`); a total of 0
+    (no queue) stays 0."""
+    if total == 0:
+        return 0
+    return max(1, total // workers + (index < total % workers))
+
+
+def worker_settings(settings: Settings, index: int) -> Settings:
+    """API process `index`'s settings: its share of each of `SPLIT_LIMITS` over `api_server_count`
+    processes (an unset limit stays unset). `max_concurrent_requests` must be a number by then: its
+    default, the engine's `max_num_seqs`, is resolved by whoever builds the engine's config."""
+    shares = {
+        name: worker_share(total, settings.api_server_count, index)
+        for name in SPLIT_LIMITS
+        if (total := getattr(settings, name)) is not None
+    }
+    return settings.model_copy(update=shares)

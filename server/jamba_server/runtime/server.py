@@ -10,7 +10,7 @@ from typing import Callable
 
 from jamba_server import __version__
 from jamba_server.errors import ModelNotFoundError
-from jamba_server.metrics import ADMISSION_LIMIT, BUILD_INFO, ENGINE_READY
+from jamba_server.metrics import ADMISSION_LIMIT, BUILD_INFO, ENGINE_READY, observed_gauge
 from jamba_server.runtime.admission import controller_for, running_limit
 from jamba_server.runtime.backend import Engine
 from jamba_server.runtime.readiness import Readiness
@@ -43,6 +43,7 @@ class Server:
         self.admission = controller_for(settings, None)
         self.readiness = Readiness(engine, self.admission)
         self.runner = Runner(engine, self.admission, settings.drain_timeout)
+        self.publish_engine_ready: Callable[[], None] = lambda: None
         self.responses = ResponseStore(
             settings.responses_store_max_entries, settings.responses_store_max_bytes, settings.responses_store_ttl
         )
@@ -60,7 +61,7 @@ class Server:
         ADMISSION_LIMIT.labels("running").set(self.admission.max_running)
         ADMISSION_LIMIT.labels("queued").set(self.admission.max_queued)
         self.readiness.started = True
-        ENGINE_READY.set_function(lambda: 1.0 if self.engine.ready else 0.0)
+        self.publish_engine_ready = observed_gauge(ENGINE_READY, lambda: 1.0 if self.engine.ready else 0.0)
         BUILD_INFO.labels(
             __version__,
             self.engine_version,
@@ -91,6 +92,7 @@ class Server:
             return
         while not self.engine.dead:
             await asyncio.sleep(0.5)
+        self.publish_engine_ready()
         # Stay up briefly so in-flight requests get their 503s and probes see /health fail, then
         # exit non-zero for the orchestrator to restart us.
         logger.error("the engine died; exiting in %.0fs", ENGINE_DEATH_EXIT_DELAY_S)

@@ -1,4 +1,5 @@
-"""The engine adapter: the only module that imports vllm (besides the CPU plugin vLLM loads itself).
+"""The engine adapter: the only module that imports vllm (besides the CPU plugin vLLM loads itself,
+and vllm_api_servers.py, the adapter's multi-process half).
 
 Builds vLLM's v1 `AsyncLLM` from settings, maps the core's `SamplingSpec` onto `SamplingParams`,
 and turns vLLM's delta outputs into the core's plain `EngineStep`s. A vLLM upgrade touches this file.
@@ -12,6 +13,7 @@ import math
 import os
 import re
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import vllm
@@ -77,11 +79,41 @@ def platform_engine_kwargs(settings: Settings) -> dict[str, Any]:
     return kwargs
 
 
-class EngineAdapter:
-    """Owns the vLLM engine and the tokenizer the server renders prompts with."""
+def engine_args(settings: Settings) -> AsyncEngineArgs:
+    return AsyncEngineArgs(**platform_engine_kwargs(settings))
 
-    def __init__(self, settings: Settings):
+
+@dataclass(frozen=True)
+class SharedEngineSeat:
+    """An API process's place on an engine core it shares (`api_server_count` > 1): vLLM's client
+    addresses for it (its ZMQ listeners, bound by the supervisor) and its index among `count`."""
+
+    addresses: dict[str, Any]
+    index: int
+    count: int
+
+    def attach(self, args: AsyncEngineArgs) -> AsyncLLM:
+        """vLLM's client of the running engine core, as `vllm serve --api-server-count` builds each
+        API process's (vllm/entrypoints/launchers/api_server/entry.py): the same config, this rank."""
+        args._api_process_count, args._api_process_rank = self.count, self.index
+        return AsyncLLM.from_vllm_config(
+            args.create_engine_config(USAGE_CONTEXT),
+            usage_context=USAGE_CONTEXT,
+            enable_log_requests=args.enable_log_requests,
+            disable_log_stats=args.disable_log_stats,
+            client_addresses=dict(self.addresses),
+            client_count=self.count,
+            client_index=self.index,
+        )
+
+
+class EngineAdapter:
+    """Owns the vLLM engine (or, with a `seat`, a client of one the process shares) and the
+    tokenizer the server renders prompts with."""
+
+    def __init__(self, settings: Settings, seat: SharedEngineSeat | None = None):
         self.settings = settings
+        self.seat = seat
         self.engine: AsyncLLM | None = None
         self.tokenizer: Any = None
         self.max_model_len = 0
@@ -117,9 +149,13 @@ class EngineAdapter:
     def start(self) -> None:
         """Load the tokenizer and start the engine (blocking: run it off the event loop)."""
         self.load_tokenizer()
-        args = AsyncEngineArgs(**platform_engine_kwargs(self.settings))
-        logger.info("starting vLLM %s engine on %s", VLLM_VERSION, self.platform)
-        self.engine = AsyncLLM.from_engine_args(args, usage_context=USAGE_CONTEXT)
+        args = engine_args(self.settings)
+        if self.seat is None:
+            logger.info("starting vLLM %s engine on %s", VLLM_VERSION, self.platform)
+            self.engine = AsyncLLM.from_engine_args(args, usage_context=USAGE_CONTEXT)
+        else:
+            logger.info("attaching to the vLLM %s engine core as client %d of %d", VLLM_VERSION, self.seat.index, self.seat.count)
+            self.engine = self.seat.attach(args)
         self.max_model_len = self.engine.model_config.max_model_len
         self.vocab_size = self.engine.model_config.get_vocab_size()
 

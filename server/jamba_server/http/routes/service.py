@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from jamba_server import __version__
 from jamba_server.core.prepare import prepare_detokenize, prepare_tokenize
 from jamba_server.errors import ServiceUnavailableError
 from jamba_server.http.pipeline import prepare_job, server_of
 from jamba_server.http.routes import ERRORS
+from jamba_server.metrics import exposition_registry
 from jamba_server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 
 router = APIRouter()
@@ -61,4 +62,4 @@ async def version(request: Request) -> dict[str, str]:
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics() -> Response:
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(exposition_registry()), media_type=CONTENT_TYPE_LATEST)
