@@ -3,7 +3,7 @@ import asyncio
 import pytest
 
 from jamba_server.core.limits import check_chat_limits
-from jamba_server.runtime.admission import AdmissionController
+from jamba_server.runtime.admission import AdmissionController, worker_settings, worker_share
 from jamba_server.errors import InvalidRequestError, RateLimitError, RequestTooLargeError, ServiceUnavailableError
 from jamba_server.protocol import ChatCompletionRequest
 from jamba_server.settings import Settings
@@ -191,5 +191,55 @@ def test_cancelled_waiter_leaves_the_priority_queue():
         ctl.release(first)
         await asyncio.sleep(0)
         assert normal.done() and ctl.queued == 0 and ctl.running == 1
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    "total, workers, shares",
+    [
+        (32, 2, [16, 16]),
+        (10, 3, [4, 3, 3]),  # the remainder to the first workers
+        (2, 4, [1, 1, 1, 1]),  # never below 1: together more than the total
+        (0, 3, [0, 0, 0]),  # no queue stays no queue
+    ],
+)
+def test_each_worker_gets_its_share_of_a_limit(total, workers, shares):
+    assert [worker_share(total, workers, i) for i in range(workers)] == shares
+
+
+def test_worker_settings_split_every_admission_limit_and_leave_unset_ones_unset():
+    settings = Settings(
+        model="m", api_server_count=3, max_concurrent_requests=10, max_queued_requests=256, limit_concurrency=None
+    )
+    shares = [worker_settings(settings, i) for i in range(3)]
+    assert [s.max_concurrent_requests for s in shares] == [4, 3, 3]
+    assert [s.max_queued_requests for s in shares] == [86, 85, 85]
+    assert all(s.max_tokens_in_flight is None and s.limit_concurrency is None for s in shares)
+    assert all(s.retry_after_seconds == settings.retry_after_seconds and s.model == "m" for s in shares)
+    with_tokens = settings.model_copy(update={"max_tokens_in_flight": 1001, "limit_concurrency": 4096})
+    assert [worker_settings(with_tokens, i).max_tokens_in_flight for i in range(3)] == [334, 334, 333]
+    assert sum(worker_settings(with_tokens, i).limit_concurrency for i in range(3)) == 4096
+
+
+def test_one_worker_keeps_the_whole_limits():
+    settings = Settings(model="m", max_concurrent_requests=7, max_tokens_in_flight=100)
+    assert worker_settings(settings, 0) == settings
+
+
+def test_admission_changes_are_announced():
+    """A multi-process server publishes its running and queued gauges on each change."""
+
+    async def scenario():
+        ctl = AdmissionController(max_running=1, max_queued=1, max_tokens=None, retry_after=1)
+        seen: list[tuple[int, int]] = []
+        ctl.on_change = lambda: seen.append((ctl.running, ctl.queued))
+        first = await ctl.acquire(1)
+        waiting = asyncio.ensure_future(ctl.acquire(1))
+        await asyncio.sleep(0)
+        ctl.release(first)
+        second = await waiting
+        ctl.release(second)
+        assert seen[-1] == (0, 0) and (1, 1) in seen and (1, 0) in seen
 
     run(scenario())

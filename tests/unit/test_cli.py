@@ -44,3 +44,18 @@ def test_resume_to_stdout_is_refused(tmp_path, capsys):
     code = cli.main(["run-batch", "--config", str(DEV_CONFIG), "-i", str(tmp_path / "in"), "-o", "-", "--resume"])
     assert code == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_more_than_one_api_server_runs_the_supervisor_and_one_runs_the_server(monkeypatch):
+    import sys
+    import types
+
+    ran: list[tuple[str, int]] = []
+    supervisor = types.ModuleType("jamba_server.runtime.vllm_api_servers")
+    supervisor.supervise = lambda settings: ran.append(("supervise", settings.api_server_count)) or 0
+    monkeypatch.setitem(sys.modules, supervisor.__name__, supervisor)
+    monkeypatch.setattr(cli, "serve", lambda settings: ran.append(("serve", settings.api_server_count)) or 0)
+    monkeypatch.setattr(cli, "prepare_process", lambda settings: None)
+    assert cli.main(["--config", str(DEV_CONFIG), "--api-server-count", "2"]) == 0
+    assert cli.main(["--config", str(DEV_CONFIG)]) == 0
+    assert ran == [("supervise", 2), ("serve", 1)]

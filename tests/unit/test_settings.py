@@ -324,3 +324,14 @@ def test_bad_prefix_cache_groups_are_settings_errors_without_keys(extra, message
     with pytest.raises(SettingsError, match=message) as info:
         load_settings(argv, environ={})
     assert key not in str(info.value) and other not in str(info.value)
+
+
+def test_api_server_count_defaults_to_one_process_and_takes_preset_env_and_flag(tmp_path):
+    assert settings_for("dev-cpu.yaml").api_server_count == 1
+    assert settings_for("dev-cpu.yaml", environ={"JAMBA_API_SERVER_COUNT": "2"}).api_server_count == 2
+    assert settings_for("dev-cpu.yaml", "--api-server-count", "4", environ={"JAMBA_API_SERVER_COUNT": "2"}).api_server_count == 4
+    preset = tmp_path / "multi.yaml"
+    preset.write_text((CONFIGS / "dev-cpu.yaml").read_text() + "api_server_count: 3\n")
+    assert load_settings(["--config", str(preset)], environ={}).api_server_count == 3
+    with pytest.raises(SettingsError, match="api_server_count"):
+        settings_for("dev-cpu.yaml", "--api-server-count", "0")
