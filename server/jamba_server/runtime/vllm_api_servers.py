@@ -46,6 +46,9 @@ METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WORKER_EXIT_GRACE_S = 10.0
 # A worker stopped because another process failed gets this long before it is killed.
 FAILURE_EXIT_TIMEOUT_S = 5.0
+# The engine core, once its clients are gone, stops its own workers (~5 s here) before it exits;
+# vLLM's default wait (5 s) kills it midway.
+ENGINE_EXIT_TIMEOUT_S = 15.0
 
 
 class _StopWhileStarting(BaseException):
@@ -167,6 +170,7 @@ def _watch(layout: _Layout, stop_requested: Callable[[], bool]) -> bool:
     while not stop_requested():
         for sentinel in connection.wait(list(watched), timeout=0.5):
             what, process = watched[sentinel]
+            process.join(5)  # its sentinel can be ready a moment before its exit code
             logger.error("%s (pid %s) exited with code %s: stopping the server", what, process.pid, process.exitcode)
             return True
     return False
@@ -183,7 +187,7 @@ def _shut_down(layout: _Layout, worker_timeout: float) -> bool:
                 logger.error("API worker %d (pid %s) ended with code %s", index, process.pid, process.exitcode)
                 clean = False
     if layout.engines is not None:
-        layout.engines.shutdown()
+        layout.engines.shutdown(timeout=ENGINE_EXIT_TIMEOUT_S)
     if layout.coordinator is not None:
         layout.coordinator.shutdown()
     return clean
