@@ -26,7 +26,8 @@ from jamba_server.protocol import ChatCompletionRequest
 SPLITS = ("train", "heldout")
 # Disjoint per split. Names and cities the dev tokenizer does not know tokenize into short pieces
 # (byte-level BPE, no unknown token); held-out ones are built from pieces the training split also
-# writes, else their output embeddings would never be trained (tests check this).
+# writes, else their output embeddings would never be trained (tests check this). Training adds
+# thousands of made-up names and cities (`_invented`, below) so that copying, not memorizing, pays.
 NAMES = {
     "train": (
         "Anna", "Ben", "Clara", "David", "Emma", "Felix", "Grace", "Hugo", "Iris", "Jonas", "Kate", "Leo",
@@ -43,6 +44,29 @@ CITIES = {
     ),
     "heldout": ("Zurich", "Munich", "Bonn", "Porto", "Geneva", "Nairobi", "Turin", "Lyon"),
 }  # fmt: skip
+def _invented(label: str, count: int, exclude: set[str]) -> tuple[str, ...]:
+    """`count` made-up capitalized words from common syllables (deterministic per label): with
+    thousands of them in training no single name can be memorized, so the model must learn to copy
+    a name or city from the question, which is what held-out cases ask of it."""
+    rng = random.Random(f"dev-corpus:invented:{label}")
+    words: list[str] = []
+    seen = set(exclude)
+    while len(words) < count:
+        word = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+        if word not in seen:
+            seen.add(word)
+            words.append(word)
+    return tuple(words)
+
+
+SYLLABLES = (
+    "ka", "ri", "mo", "len", "ta", "vi", "so", "na", "be", "lu", "dor", "mi", "ra", "no", "el", "an", "ge", "po",
+    "si", "ur", "ba", "de", "ho", "ju", "ke", "la", "ma", "ne", "ol", "pa", "ro", "sa", "te", "va", "zo", "ni",
+)  # fmt: skip
+_HELD_OUT = {*NAMES["heldout"], *CITIES["heldout"]}
+NAMES["train"] += _invented("names", 1500, _HELD_OUT | set(NAMES["train"]) | set(CITIES["train"]))
+CITIES["train"] += _invented("cities", 1000, _HELD_OUT | set(NAMES["train"]) | set(CITIES["train"]))
+
 JOBS = ("teacher", "doctor", "farmer", "pilot", "baker", "nurse", "driver", "painter", "writer", "cook")
 TOPICS = ("lunch", "the meeting", "the report", "the trip", "the party", "the invoice")
 SYSTEM_PROMPTS = ("", "You are a helpful assistant.", "Answer briefly.")
