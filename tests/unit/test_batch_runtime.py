@@ -16,7 +16,7 @@ from jamba_server.core.batch import BATCH_URLS, LineSelector
 from jamba_server.core.outputs import ChoiceDelta, EngineStep
 from jamba_server.errors import ServiceUnavailableError
 from jamba_server.metrics import GENERATION_REQUESTS
-from jamba_server.runtime.batch import ENDPOINTS, BatchRun, EngineFailed, LineWriter, Progress, open_output
+from jamba_server.runtime.batch import ENDPOINTS, ENGINE_BACKLOG, BatchRun, EngineFailed, LineWriter, Progress, open_output
 from jamba_server.runtime.server import Server
 from jamba_server.settings import Settings
 
@@ -151,6 +151,16 @@ def test_concurrency_is_bounded_by_admission_and_keeps_the_engine_full(tmp_path,
     assert len(read_output(path)) == 12
     assert engine.most_running == engine.max_num_seqs  # full, and never beyond admission's slots
     assert batch.concurrency() == 2 * engine.max_num_seqs
+
+
+@pytest.mark.parametrize("max_concurrent", [None, 3])
+def test_the_engine_gets_a_backlog_unless_the_operator_caps_it(tmp_path, tokenizer, max_concurrent):
+    engine = FakeEngine(tokenizer, tokens=20)
+    batch, path = make_run(tmp_path, engine, max_concurrent_requests=max_concurrent)
+    batch.give_the_engine_a_backlog()
+    run_lines(batch, [request(f"r{i}", "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 20}) for i in range(12)], tmp_path)
+    assert len(read_output(path)) == 12
+    assert engine.most_running == (ENGINE_BACKLOG * engine.max_num_seqs if max_concurrent is None else max_concurrent)
 
 
 def test_a_dead_engine_stops_the_run_and_leaves_its_lines_unwritten(tmp_path, tokenizer):

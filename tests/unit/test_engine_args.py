@@ -238,3 +238,36 @@ def test_a_grammar_compiler_out_of_stack_is_the_clients_400(monkeypatch):
         engine.grammar_problem.cache_clear()
     assert info.value.param == "response_format.json_schema.schema"
 
+
+
+def test_vllms_environment_is_read_once_the_engine_is_up(monkeypatch):
+    """vLLM's API-side code reads its environment variables on every access (two per generated
+    token in the output processor's stats) until `enable_envs_cache()`; the adapter turns the cache
+    on once its engine has started."""
+    import vllm.envs
+
+    from jamba_server.runtime import vllm_engine as engine
+
+    class FakeModelConfig:
+        max_model_len = 64
+
+        def get_vocab_size(self):
+            return 10
+
+    class FakeAsyncLLM:
+        model_config = FakeModelConfig()
+
+        @staticmethod
+        def from_engine_args(args, usage_context=None):
+            return FakeAsyncLLM()
+
+    monkeypatch.setattr(engine, "AsyncLLM", FakeAsyncLLM)
+    vllm.envs.disable_envs_cache()
+    dev_model = CONFIGS.parent / "models" / "jamba-tiny-dev"
+    adapter = engine.EngineAdapter(load_settings(["--config", str(CONFIGS / "dev-cpu.yaml"), "--model", str(dev_model)], environ={}))
+    try:
+        assert not vllm.envs._is_envs_cache_enabled()
+        adapter.start()
+        assert vllm.envs._is_envs_cache_enabled()
+    finally:
+        vllm.envs.disable_envs_cache()

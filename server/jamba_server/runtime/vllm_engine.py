@@ -22,6 +22,7 @@ from vllm import SamplingParams
 from vllm.config import StructuredOutputsConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
+from vllm.envs import enable_envs_cache
 from vllm.inputs.engine import TokensInput, tokens_input
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -158,6 +159,10 @@ class EngineAdapter:
             self.engine = self.seat.attach(args)
         self.max_model_len = self.engine.model_config.max_model_len
         self.vocab_size = self.engine.model_config.get_vocab_size()
+        # vLLM reads its environment variables on every access until `enable_envs_cache()`, which
+        # its engine core and workers call once started and its API server never does: the output
+        # processor's stats read two per generated token. Nothing sets them once the engine is up.
+        enable_envs_cache()
 
     @property
     def ready(self) -> bool:
