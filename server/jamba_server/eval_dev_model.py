@@ -29,9 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,6 +41,7 @@ import jsonschema
 import openai
 
 from jamba_server import dev_corpus
+from jamba_server.child_server import free_port, stop
 
 CATEGORIES = (
     "tool_call", "tool_none", "tool_answer", "chat", "documents", "citation", "citation_none", "json", "json_grammar",
@@ -325,12 +323,6 @@ def model_steps(model_dir: Path) -> int | None:
 # --- the server ----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait_ready(proc: subprocess.Popen, base_url: str, log: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -346,7 +338,7 @@ def _wait_ready(proc: subprocess.Popen, base_url: str, log: Path) -> None:
 @contextlib.contextmanager
 def served(model_dir: Path, log: Path) -> Iterator[str]:
     """A `jamba-server` on the dev CPU config serving `model_dir` on a free port: its base URL."""
-    port = _free_port()
+    port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     args = [
         sys.executable, "-m", "jamba_server.cli", "--config", str(DEV_CONFIG), "--model", str(model_dir),
@@ -359,17 +351,7 @@ def served(model_dir: Path, log: Path) -> Iterator[str]:
             _wait_ready(proc, base_url, log)
             yield base_url
         finally:
-            _stop(proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            stop(proc)
 
 
 def served_model_name(base_url: str) -> str:
