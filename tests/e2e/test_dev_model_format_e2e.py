@@ -20,7 +20,7 @@ from tests.support import DEV_MODEL, start_server
 CASES_PER_CATEGORY = 10  # of the categories below only: ~2 minutes here; `make eval-dev-model` runs 40 of each
 SEED = 0
 MODEL = Path(os.environ.get("JAMBA_EVAL_MODEL") or DEV_MODEL)
-# (category, rate): `rate` is the category's criterion (see eval_dev_model), `stream` the fraction of
+# (category, measure): `rate` is the category's criterion (see eval_dev_model), `stream` the fraction of
 # streamed replies with the same tool calls and citations as the non-streamed ones. The floors
 # (tool calls and plain text beside tools 90%, tool-result turns ending in stop, citations 80%, JSON
 # knob 90%, streaming alike on every case); to be raised to a little below the rates measured on the
