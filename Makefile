@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # pins, and break vLLM's engine start; nothing on the text path needs them.
 CPU_UNWANTED := torchvision torchaudio torchcodec
 
-.PHONY: install system-deps model serve test bench train-dev-model clean
+.PHONY: install system-deps model serve test bench train-dev-model eval-dev-model clean
 
 install: $(VENV)/.installed system-deps
 
@@ -51,6 +51,12 @@ bench: $(VENV)/.installed model
 train-dev-model: $(VENV)/.installed
 	@test -n "$(OUT)" || { echo "usage: make train-dev-model OUT=/tmp/devmodel/run [TRAIN_ARGS='--steps 3000']" >&2; exit 2; }
 	$(PY) -m jamba_server.train_dev_model --out $(OUT) $(TRAIN_ARGS)
+
+# How well the dev model in MODEL_DIR (say a trained one: MODEL_DIR=/tmp/devmodel/run) writes Jamba's
+# format: held-out rates through a jamba-server it starts (issue 18). EVAL_ARGS passes options
+# (`--cases 40`, `--base-url URL` to use a running server, `--json-out FILE`; see --help).
+eval-dev-model: $(VENV)/.installed
+	$(PY) -m jamba_server.eval_dev_model --model $(MODEL_DIR) $(EVAL_ARGS)
 
 clean:
 	rm -rf $(VENV) models build .pytest_cache

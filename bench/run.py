@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import uvloop
 
 import client
 import rag
+
+from jamba_server.child_server import free_port, stop
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -52,12 +53,6 @@ SERVER_ARGS: list[str] = []  # extra jamba-server flags (--server-arg)
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def workloads(quick: bool, system: str, only: str | None = None) -> list[dict]:
@@ -153,16 +148,6 @@ def start_http_system(system: str, *extra_args: str) -> tuple[subprocess.Popen, 
             pass
         time.sleep(0.5)
     raise RuntimeError(f"{system} did not start")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def cpu_seconds(pid: int) -> float:
