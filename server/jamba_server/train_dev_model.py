@@ -45,6 +45,7 @@ class TrainConfig:
     threads: int = 1
     max_minutes: float | None = None  # stop early (and save) after this long
     save_every: int = 0  # also save the model every this many steps (0: only at the end)
+    init_from: str | None = None  # start from this model directory's weights (a run to continue)
 
 
 def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -191,6 +192,10 @@ def _train(config: TrainConfig) -> dict[str, Any]:
     tokenizer = dev_model.build_tokenizer(chat_template)
     eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|eom|>")]
     model, generation = dev_model.build_model(len(tokenizer), eos_ids)
+    if config.init_from:
+        from transformers import JambaForCausalLM
+
+        model.load_state_dict(JambaForCausalLM.from_pretrained(config.init_from, dtype=torch.float32).state_dict())
     model.train()
     pad_id = tokenizer.pad_token_id
     started = time.monotonic()
@@ -243,7 +248,7 @@ def main() -> None:
     defaults = TrainConfig(out="")
     for name, value in asdict(defaults).items():
         if name != "out":
-            kind = float if name in ("learning_rate", "weight_decay", "max_minutes") else int
+            kind = {"learning_rate": float, "weight_decay": float, "max_minutes": float, "init_from": str}.get(name, int)
             parser.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
     log = train(TrainConfig(**vars(parser.parse_args())))
     print(json.dumps({"out": log["config"]["out"], "steps": log["steps"], "seconds_per_step": log["seconds_per_step"],

@@ -101,3 +101,12 @@ def test_a_short_run_writes_a_model_directory_transformers_loads_and_generates_w
     trained = dict(model.named_parameters())
     start, _ = build_model(len(tokenizer), [2, 5])
     assert any(not torch.equal(p, trained[name]) for name, p in start.named_parameters())
+
+
+def test_a_run_can_start_from_another_runs_weights(tmp_path):
+    first = TrainConfig(out=str(tmp_path / "a"), steps=1, batch_size=2, warmup_steps=1, train_examples=4, heldout_examples=2)
+    train(first)
+    again = TrainConfig(**{**first.__dict__, "out": str(tmp_path / "b"), "steps": 0, "init_from": first.out})
+    train(again)
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("a", "b"))
+    assert all(torch.equal(p, dict(b.named_parameters())[name]) for name, p in a.named_parameters())
