@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 MODEL_DIR := models/jamba-tiny-dev
+TRAINED_DIR := models/jamba-tiny-dev-trained
+TRAINED_SRC := dev-model/jamba-tiny-dev-trained
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
@@ -30,13 +32,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) uninstall --yes --quiet $(CPU_UNWANTED)
 	touch $@
 
-model: $(MODEL_DIR)/DIGEST
+# Two dev models, same architecture and tokenizer: random weights (most tests: any text, any length)
+# and the committed trained weights (issue 18; their checksum is checked; `make serve` serves them).
+model: $(MODEL_DIR)/DIGEST $(TRAINED_DIR)/DIGEST
 
 $(MODEL_DIR)/DIGEST: server/jamba_server/dev_model.py server/jamba_server/templates/jamba-1.5.jinja | $(VENV)/.installed
 	$(PY) -m jamba_server.dev_model --out $(MODEL_DIR)
 
+$(TRAINED_DIR)/DIGEST: server/jamba_server/dev_model.py server/jamba_server/templates/jamba-1.5.jinja $(wildcard $(TRAINED_SRC)/*) | $(VENV)/.installed
+	$(PY) -m jamba_server.dev_model --trained --out $(TRAINED_DIR)
+
 serve: $(VENV)/.installed model
-	$(VENV)/bin/jamba-server --config configs/dev-cpu.yaml --host $(HOST) --port $(PORT)
+	$(VENV)/bin/jamba-server --config configs/dev-cpu.yaml --model $(TRAINED_DIR) --host $(HOST) --port $(PORT)
 
 test: install model
 	$(PY) -m pytest $(PYTEST_ARGS)

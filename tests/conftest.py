@@ -8,14 +8,23 @@ from typing import Iterator
 
 import pytest
 
-from tests.support import DEV_MODEL, SERVERS, ServerProcess, log_size, start_server
+from tests.support import DEV_MODEL, SERVERS, TRAINED_MODEL, ServerProcess, log_size, start_server
+
+
+def _built(model: Path) -> Path:
+    if not (model / "config.json").exists():
+        pytest.fail(f"{model} missing: run `make model` (make test does it)")
+    return model
 
 
 @pytest.fixture(scope="session")
 def dev_model() -> Path:
-    if not (DEV_MODEL / "config.json").exists():
-        pytest.fail("dev model missing: run `make model` (make test does it)")
-    return DEV_MODEL
+    return _built(DEV_MODEL)
+
+
+@pytest.fixture(scope="session")
+def trained_model() -> Path:
+    return _built(TRAINED_MODEL)
 
 
 LOG_OFFSETS = pytest.StashKey[dict[int, int]]()
@@ -49,5 +58,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 def server(dev_model: Path) -> Iterator[ServerProcess]:
     """One dev-model server shared by the end-to-end modules that need default settings."""
     proc = start_server()
+    yield proc
+    assert proc.stop() == 0, proc.log_tail()
+
+
+@pytest.fixture(scope="session")
+def trained_server(trained_model: Path) -> Iterator[ServerProcess]:
+    """One trained-model server (default settings otherwise) for the modules about what it writes."""
+    proc = start_server("--model", str(trained_model))
     yield proc
     assert proc.stop() == 0, proc.log_tail()

@@ -22,6 +22,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DEV_MODEL = REPO / "models" / "jamba-tiny-dev"
+TRAINED_MODEL = REPO / "models" / "jamba-tiny-dev-trained"  # same architecture, trained weights (issue 18)
 DEV_CONFIG = REPO / "configs" / "dev-cpu.yaml"
 GOLDEN = REPO.parent / "shared" / "jamba-chat-format" / "template_cases.json"
 MODEL_NAME = "jamba-tiny-dev"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from jamba_server.core.features import plan_chat
 from jamba_server.core.prompt import ChatTokenizer, Prompt, render_chat
@@ -71,6 +71,7 @@ JOBS = ("teacher", "doctor", "farmer", "pilot", "baker", "nurse", "driver", "pai
 TOPICS = ("lunch", "the meeting", "the report", "the trip", "the party", "the invoice")
 SYSTEM_PROMPTS = ("", "You are a helpful assistant.", "Answer briefly.")
 MODEL_NAME = "jamba-tiny-dev"
+GREETING_REPLY = "Hello! How can I help you today?"
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ def _small_talk(rng: random.Random, vocab: Vocab) -> tuple[str, str]:
     """A user message that needs no tool or document, and its reply."""
     choice = rng.randrange(5)
     if choice == 0:
-        return rng.choice(("Hello!", "Hi!", "Hello.")), "Hello! How can I help you today?"
+        return rng.choice(("Hello!", "Hi!", "Hello.")), GREETING_REPLY
     if choice == 1:
         return "How are you?", "I am fine, thank you."
     if choice == 2:
@@ -209,6 +210,21 @@ def _small_talk(rng: random.Random, vocab: Vocab) -> tuple[str, str]:
         return f"My name is {name}.", f"Nice to meet you, {name}!"
     word = rng.choice((*vocab.names, *vocab.cities))
     return f"Repeat after me: {word}", word
+
+
+def copy_example(rng: random.Random, vocab: Vocab) -> Example:
+    """Short requests whose reply repeats words of the question: cheap to train on (a few dozen
+    tokens against hundreds for a tool request), they teach the copying every other kind needs."""
+    words = [rng.choice((*vocab.names, *vocab.cities)) for _ in range(rng.randint(1, 3))]
+    phrase = " ".join(words)
+    form = rng.randrange(3)
+    if form == 0:
+        question, answer = f"Repeat after me: {phrase}", phrase
+    elif form == 1:
+        question, answer = f"Say {phrase}.", f"{phrase}."
+    else:
+        question, answer = f"My name is {words[0]}.", f"Nice to meet you, {words[0]}!"
+    return Example("copy", {"messages": [*_system(rng), {"role": "user", "content": question}]}, {"content": answer})
 
 
 def chat_example(rng: random.Random, vocab: Vocab) -> Example:
@@ -273,7 +289,10 @@ def document_example(rng: random.Random, vocab: Vocab) -> Example:
 
 def json_example(rng: random.Random, vocab: Vocab) -> Example:
     """A person described in the question; with the JSON knob the reply is a JSON object of the
-    asked fields (compact: the server's JSON grammar has no free whitespace), else a sentence."""
+    asked fields, else a sentence. The object has no whitespace but, in half the examples, one space
+    after each comma: the server's JSON grammar (no free whitespace, vLLM's separators `,` and `:`)
+    demands that space under xgrammar 0.2.8 (its issue 945, noted in vLLM's xgrammar backend), and a
+    later xgrammar forbids it; taught both, the model writes whichever the grammar allows."""
     name, city, age = rng.choice(vocab.names), rng.choice(vocab.cities), rng.randint(18, 90)
     fields = {"name": name, "age": age, "city": city}
     asked = rng.choice((("name", "age", "city"), ("name", "city"), ("name", "age")))
@@ -281,12 +300,14 @@ def json_example(rng: random.Random, vocab: Vocab) -> Example:
     request: dict[str, Any] = {"messages": [*_system(rng), {"role": "user", "content": question}]}
     if rng.random() < 0.75:
         request["response_format"] = {"type": "json_object"}
-        content = json.dumps({key: fields[key] for key in asked}, separators=(",", ":"))
+        comma = ", " if rng.random() < 0.5 else ","
+        content = json.dumps({key: fields[key] for key in asked}, separators=(comma, ":"))
         return Example("json", request, {"content": content})
     return Example("json_off", request, {"content": f"{name} is {age} years old and lives in {city}."})
 
 
 KINDS: dict[str, tuple[Callable[[random.Random, Vocab], Example], int]] = {
+    "copy": (copy_example, 4),
     "chat": (chat_example, 2),
     "tool_call": (tool_call_example, 3),
     "tool_none": (tool_none_example, 1),
@@ -296,14 +317,19 @@ KINDS: dict[str, tuple[Callable[[random.Random, Vocab], Example], int]] = {
 }
 
 
-def generate(split: str, count: int, seed: int) -> list[Example]:
-    """`count` examples of `split`, the same for the same arguments."""
+def generate(split: str, count: int, seed: int, kinds: Sequence[str] | None = None) -> list[Example]:
+    """`count` examples of `split` (of `kinds` only, if given: a training stage's curriculum), the
+    same for the same arguments."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
+    unknown = set(kinds or ()) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown kinds {sorted(unknown)}; kinds are {sorted(KINDS)}")
     rng = random.Random(f"dev-corpus:{seed}:{split}")
     vocab = Vocab(NAMES[split], CITIES[split])
-    makers = [maker for maker, _ in KINDS.values()]
-    weights = [weight for _, weight in KINDS.values()]
+    chosen = [KINDS[kind] for kind in (kinds or KINDS)]
+    makers = [maker for maker, _ in chosen]
+    weights = [weight for _, weight in chosen]
     return [rng.choices(makers, weights)[0](rng, vocab) for _ in range(count)]
 
 

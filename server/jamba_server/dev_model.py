@@ -1,7 +1,9 @@
-"""Build the tiny Jamba-architecture dev model: deterministic weights, Jamba-style tokenizer.
+"""Build the tiny Jamba-architecture dev models: Jamba-style tokenizer, and random or trained weights.
 
-`python -m jamba_server.dev_model --out models/jamba-tiny-dev`. Everything is generated here from a
-fixed seed and a built-in corpus; nothing is downloaded.
+`python -m jamba_server.dev_model --out models/jamba-tiny-dev` writes the random-weight model, all
+generated here from a fixed seed and a built-in corpus. `--trained` writes the same architecture and
+tokenizer with the weights `train_dev_model` learned (issue 18), committed in `dev-model/` and
+checked against `TRAINED_SHA256` first. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from pathlib import Path
 from jamba_server.settings import DEFAULT_TEMPLATE
 
 SEED = 1234
+TRAINED_SOURCE = Path(__file__).resolve().parents[2] / "dev-model" / "jamba-tiny-dev-trained"
+# of TRAINED_SOURCE/model.safetensors: a changed file fails `make model` (update it with the file)
+TRAINED_SHA256 = "6887735a5af5f383728e999d87691de171ff928c3b1e41be18b3baa8c755c0f3"
 VOCAB_SIZE = 1024
 
 # Ids 0-3 follow Jamba's tokenizer; the rest are Jamba 1.5's chat and tool tokens, each one token.
@@ -125,14 +130,40 @@ def build_model(vocab_size: int, eos_ids: list[int]):
     return model, generation
 
 
-def build(out: Path) -> str:
-    """Write the checkpoint to `out`; return a digest of its weights and tokenizer."""
+class WeightsChanged(Exception):
+    """The committed trained weights are not the ones `TRAINED_SHA256` names."""
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def trained_weights(source: Path = TRAINED_SOURCE, expected: str = TRAINED_SHA256) -> Path:
+    """The committed weights file, once its checksum is the expected one."""
+    weights = source / "model.safetensors"
+    actual = sha256_of(weights)
+    if actual != expected:
+        raise WeightsChanged(f"{weights}: sha256 {actual}, expected {expected} (dev_model.TRAINED_SHA256)")
+    return weights
+
+
+def build(out: Path, weights: Path | None = None) -> str:
+    """Write the checkpoint to `out` (random weights, or the safetensors file `weights` in the same
+    architecture); return a digest of its weights and tokenizer."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tokenizer = build_tokenizer(DEFAULT_TEMPLATE.read_text(encoding="utf-8"))
     eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|eom|>")]
     model, generation = build_model(len(tokenizer), eos_ids)
+    if weights is not None:  # through transformers: its checkpoint layout is not its state_dict's
+        import torch
+        from transformers import JambaForCausalLM
+
+        trained = JambaForCausalLM.from_pretrained(weights.parent, dtype=torch.float32)
+        model.load_state_dict(trained.state_dict(), strict=True)
+        if (weights.parent / "train_log.json").exists():
+            shutil.copyfile(weights.parent / "train_log.json", tmp / "train_log.json")
     model.save_pretrained(tmp, safe_serialization=True)
     generation.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -148,8 +179,12 @@ def build(out: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="models/jamba-tiny-dev")
+    parser.add_argument("--trained", action="store_true", help=f"the trained weights in {TRAINED_SOURCE}")
     args = parser.parse_args()
-    digest = build(Path(args.out))
+    try:
+        digest = build(Path(args.out), trained_weights() if args.trained else None)
+    except WeightsChanged as error:
+        raise SystemExit(f"dev_model: {error}") from None
     print(json.dumps({"model": args.out, "sha256": digest}))
 
 

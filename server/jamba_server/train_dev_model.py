@@ -2,7 +2,8 @@
 
 `python -m jamba_server.train_dev_model --out /tmp/devmodel/run1` (or `make train-dev-model
 OUT=...`). Plain PyTorch on CPU, deterministic from `--seed`: the architecture and tokenizer are
-`dev_model`'s (same config, same tokenizer, same starting weights); the loss is on the reply tokens
+`dev_model`'s (same config, same tokenizer, same starting weights but Mamba's time steps, see
+`init_time_steps`); the loss is on the reply tokens
 only (the prompt is what the server renders, the reply what the model must write); AdamW with warmup
 and cosine decay; held-out loss every `--eval-every` steps. The output is a Hugging Face model
 directory like `make model`'s (config, safetensors, tokenizer, chat template) plus `train_log.json`.
@@ -46,6 +47,8 @@ class TrainConfig:
     max_minutes: float | None = None  # stop early (and save) after this long
     save_every: int = 0  # also save the model every this many steps (0: only at the end)
     init_from: str | None = None  # start from this model directory's weights (a run to continue)
+    kinds: str | None = None  # comma-separated corpus kinds to train on (default: all, dev_corpus.KINDS)
+    stop_at: int | None = None  # end (and save) at this step, the schedule still that of `steps`
 
 
 def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -74,6 +77,26 @@ def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, 
     return (scan, state) if return_last_state else scan
 
 
+def init_time_steps(model: Any, seed: int, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+    """Mamba's time-step initialization (`mamba_ssm`'s `dt_init="random"`), which transformers' Jamba
+    leaves out: its `dt_proj.bias` starts at 0, so every step is softplus(0) = 0.69 and the state
+    forgets a token within one or two more (exp(-0.69 * A), A from 1 to d_state). Here the steps
+    start log-uniform in [dt_min, dt_max], a memory of tens to thousands of tokens, so the reply can
+    see the question behind the template's role tokens (without it the model learned the replies'
+    format and ignored the question: "What is 20 plus 19?" -> "17 plus 19 is 20.")."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            dt_proj = getattr(module, "dt_proj", None)
+            if not isinstance(dt_proj, torch.nn.Linear):
+                continue
+            bound = dt_proj.in_features**-0.5
+            dt_proj.weight.copy_(torch.rand(dt_proj.weight.shape, generator=generator) * 2 * bound - bound)
+            log_dt = torch.rand(dt_proj.out_features, generator=generator) * math.log(dt_max / dt_min) + math.log(dt_min)
+            dt = torch.exp(log_dt).clamp(min=1e-4)
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus's inverse
+
+
 @contextlib.contextmanager
 def trainable_scan() -> Iterator[None]:
     """transformers' Jamba runs `selective_scan` instead of its reference scan, inside the block."""
@@ -93,10 +116,12 @@ class Sequence:
     labels: list[int]  # IGNORE on the prompt
 
 
-def encode(tokenizer: Any, chat_template: str, split: str, count: int, seed: int) -> list[Sequence]:
-    """The split's examples as prompt + reply token ids, the loss masked to the reply."""
+def encode(
+    tokenizer: Any, chat_template: str, split: str, count: int, seed: int, kinds: list[str] | None = None
+) -> list[Sequence]:
+    """The split's examples (of `kinds`, if given) as prompt + reply token ids, the loss masked to the reply."""
     sequences = []
-    for example in dev_corpus.generate(split, count, seed):
+    for example in dev_corpus.generate(split, count, seed, kinds):
         rendered = dev_corpus.render_example(example, tokenizer, chat_template)
         prompt, target = rendered.prompt.token_ids, rendered.target_ids
         sequences.append(Sequence(prompt + target, [IGNORE] * len(prompt) + target))
@@ -133,11 +158,11 @@ def batches(sequences: list[Sequence], batch_size: int, rng: random.Random) -> l
 def reply_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the reply tokens, and how many there are."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    targets = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-    return loss, int((targets != IGNORE).sum())
+    losses = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)), batch["input_ids"][:, 1:].reshape(-1), reduction="none"
+    ).view(logits.size(0), -1)
+    reply = batch["labels"][:, 1:] != IGNORE
+    return losses[reply].sum(), int(reply.sum())
 
 
 @torch.no_grad()
@@ -196,11 +221,14 @@ def _train(config: TrainConfig) -> dict[str, Any]:
         from transformers import JambaForCausalLM
 
         model.load_state_dict(JambaForCausalLM.from_pretrained(config.init_from, dtype=torch.float32).state_dict())
+    else:
+        init_time_steps(model, config.seed)
     model.train()
     pad_id = tokenizer.pad_token_id
     started = time.monotonic()
-    train_set = encode(tokenizer, chat_template, "train", config.train_examples, config.seed)
-    heldout = encode(tokenizer, chat_template, "heldout", config.heldout_examples, config.seed)
+    kinds = config.kinds.split(",") if config.kinds else None
+    train_set = encode(tokenizer, chat_template, "train", config.train_examples, config.seed, kinds)
+    heldout = encode(tokenizer, chat_template, "heldout", config.heldout_examples, config.seed, kinds)
     # A fixed slice of training examples gives a train loss comparable over time.
     probes = {"train": train_set[: config.heldout_examples], "heldout": heldout}
     log: dict[str, Any] = {"config": asdict(config), "model_config": dev_model.MODEL_CONFIG, "evals": []}
@@ -210,7 +238,8 @@ def _train(config: TrainConfig) -> dict[str, Any]:
     print(json.dumps(log["evals"][-1]), flush=True)
     queue: list[list[Sequence]] = []
     step, step_seconds, started = 0, 0.0, time.monotonic()
-    while step < config.steps:
+    last_step = min(config.steps, config.stop_at or config.steps)
+    while step < last_step:
         if config.max_minutes is not None and time.monotonic() - started > config.max_minutes * 60:
             break
         queue = queue or batches(train_set, config.batch_size, rng)
@@ -224,12 +253,11 @@ def _train(config: TrainConfig) -> dict[str, Any]:
         optimizer.step()
         step += 1
         step_seconds += time.monotonic() - tick
-        if step % config.eval_every == 0 or step == config.steps:
-            batch_loss = round(loss.item() / tokens, 4)
-            entry = {"step": step, "batch_loss": batch_loss, **_losses(model, probes, config.batch_size, pad_id)}
+        if step % config.eval_every == 0 or step == last_step:
+            entry = {"step": step, "batch_loss": round(loss.item() / tokens, 4), **_losses(model, probes, config.batch_size, pad_id)}
             log["evals"].append(entry)
             print(json.dumps(entry), flush=True)
-        if config.save_every and step % config.save_every == 0 and step < config.steps:
+        if config.save_every and step % config.save_every == 0 and step < last_step:
             save(model, generation, tokenizer, Path(config.out), {**log, "steps": step})
             model.train()
     if log["evals"][-1]["step"] != step:
@@ -242,13 +270,19 @@ def _train(config: TrainConfig) -> dict[str, Any]:
     return log
 
 
+OPTION_TYPES = {
+    "learning_rate": float, "weight_decay": float, "max_minutes": float, "init_from": str,
+    "kinds": str, "stop_at": int,
+}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="model directory to write (e.g. under /tmp/devmodel/)")
     defaults = TrainConfig(out="")
     for name, value in asdict(defaults).items():
         if name != "out":
-            kind = {"learning_rate": float, "weight_decay": float, "max_minutes": float, "init_from": str}.get(name, int)
+            kind = OPTION_TYPES.get(name, int)
             parser.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
     log = train(TrainConfig(**vars(parser.parse_args())))
     print(json.dumps({"out": log["config"]["out"], "steps": log["steps"], "seconds_per_step": log["seconds_per_step"],

@@ -1,4 +1,4 @@
-"""Greedy tokens from the server equal transformers' JambaForCausalLM.generate on the dev model, with
+"""Greedy tokens from the server equal transformers' JambaForCausalLM.generate on the trained dev model, with
 prefix caching on (the dev preset) whether a prompt is computed from scratch or mostly read from the
 prefix cache (attention blocks and the Mamba state saved at a block boundary)."""
 
@@ -10,6 +10,9 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig, JambaForCausalLM
 
 from tests.support import MODEL_NAME, assert_logprobs_close, start_server
+
+# The trained model (issue 18): with learned weights the Mamba state moves the logits, so a state
+# restored wrong shows in the tokens as well as the logprobs.
 
 PROMPTS = [
     "The quick brown fox",
@@ -23,10 +26,10 @@ NEW_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def reference(dev_model):
+def reference(trained_model):
     """(prompt ids, greedy continuation) per prompt, from transformers in float32."""
-    tokenizer = AutoTokenizer.from_pretrained(dev_model)
-    model = JambaForCausalLM.from_pretrained(dev_model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(trained_model)
+    model = JambaForCausalLM.from_pretrained(trained_model, dtype=torch.float32).eval()
     # As the server's `ignore_eos`: an end token neither stops nor is barred. (`min_new_tokens` would
     # mask them: where greedy picks `<|eom|>`, as on the long prompt, transformers would pick another.)
     model.generation_config.eos_token_id = None
@@ -79,12 +82,12 @@ def assert_matches_cold_and_warm(server, reference) -> None:
     assert_matches(warm, tokens, logprobs)
 
 
-def test_greedy_matches_transformers_tp1(server, reference):
-    assert_matches_cold_and_warm(server, reference)
+def test_greedy_matches_transformers_tp1(trained_server, reference):
+    assert_matches_cold_and_warm(trained_server, reference)
 
 
-def test_greedy_matches_transformers_tp2(dev_model, reference):
-    tp2 = start_server("--tensor-parallel-size", "2", "--max-num-seqs", "4")
+def test_greedy_matches_transformers_tp2(trained_model, reference):
+    tp2 = start_server("--model", str(trained_model), "--tensor-parallel-size", "2", "--max-num-seqs", "4")
     try:
         assert_matches_cold_and_warm(tp2, reference)
     finally:

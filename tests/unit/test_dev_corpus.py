@@ -68,7 +68,7 @@ def test_every_prompt_renders_through_render_chat_and_every_target_ends_the_turn
             assert r.target_text.endswith("<|eom|>") and r.target_text.count("<|eom|>") == 1
             assert r.target_ids == tokenizer.encode(r.target_text, add_special_tokens=False)
             assert r.target_ids[-1] == tokenizer.convert_tokens_to_ids("<|eom|>")
-    assert kinds == {"chat", "tool_call", "tool_none", "tool_answer", "citation", "documents", "json", "json_off"}
+    assert kinds == {"copy", "chat", "tool_call", "tool_none", "tool_answer", "citation", "documents", "json", "json_off"}
 
 
 def test_tool_call_targets_parse_into_the_intended_calls_with_arguments_from_the_question(rendered):
@@ -130,7 +130,26 @@ def test_json_targets_are_json_objects_of_fields_from_the_question(rendered):
         question = r.example.request["messages"][-1]["content"]
         assert isinstance(value, dict) and {"name"} <= set(value) <= {"name", "age", "city"}
         assert all(str(v) in question for v in value.values())
-        assert content == json.dumps(value, separators=(",", ":"))  # no free whitespace, as the grammar
+        assert content in {json.dumps(value, separators=(comma, ":")) for comma in SEPARATOR_COMMAS}
+
+
+SEPARATOR_COMMAS = (",", ", ")
+
+
+def test_json_targets_take_both_commas_and_the_servers_grammar_accepts_one_of_them(rendered):
+    """The server's JSON-mode grammar is vLLM's: `{"type": "object"}`, no free whitespace, separators
+    `,` and `:`; xgrammar 0.2.8 demands a space after each comma there anyway (its issue 945). The
+    corpus writes both, so the model follows whichever the installed xgrammar allows."""
+    import xgrammar
+    from xgrammar.testing import _is_grammar_accept_string
+
+    grammar = xgrammar.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False, separators=(",", ":"))
+    contents = [json.loads(parse_output(r.target_text, _plan(r.example).parser).content.removesuffix("<|eom|>"))
+                for r in _of_kind(rendered, "json")]  # fmt: skip
+    forms = {comma: [json.dumps(v, separators=(comma, ":")) for v in contents if len(v) > 1] for comma in SEPARATOR_COMMAS}
+    written = {r.target_text.removesuffix("<|eom|>") for r in _of_kind(rendered, "json")}
+    assert all(written & set(forms[comma]) for comma in SEPARATOR_COMMAS)
+    assert any(all(_is_grammar_accept_string(grammar, text) for text in forms[comma]) for comma in SEPARATOR_COMMAS)
 
 
 def test_held_out_names_and_cities_are_spelled_in_tokens_of_training_ones(tokenizer):
@@ -143,3 +162,20 @@ def test_held_out_names_and_cities_are_spelled_in_tokens_of_training_ones(tokeni
         return {i for word in words for text in (word, " " + word) for i in tokenizer.encode(text, add_special_tokens=False)}
 
     assert tokens("heldout") <= tokens("train")
+
+
+def test_copy_replies_repeat_words_of_the_question(rendered):
+    examples = [r.example for r in _of_kind(rendered, "copy")]
+    assert examples
+    for example in examples:
+        question, answer = example.request["messages"][-1]["content"], example.reply["content"]
+        copied = answer.removeprefix("Nice to meet you, ").rstrip("!.")
+        assert copied and copied in question
+
+
+def test_a_curriculum_stage_draws_only_its_kinds():
+    examples = dev_corpus.generate("train", 200, 0, ["copy", "json"])
+    assert {e.kind for e in examples} == {"copy", "json", "json_off"}
+    assert examples == dev_corpus.generate("train", 200, 0, ["copy", "json"])
+    with pytest.raises(ValueError, match="unknown kinds"):
+        dev_corpus.generate("train", 1, 0, ["poetry"])

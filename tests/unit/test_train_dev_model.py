@@ -2,6 +2,7 @@
 and no padding, and a run writes a model directory transformers loads and generates with."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from jamba_server.train_dev_model import (
     Sequence,
     TrainConfig,
     collate,
+    init_time_steps,
     reply_loss,
     selective_scan,
     train,
@@ -59,6 +61,22 @@ def test_trainable_scan_swaps_the_scan_only_inside_the_block():
     with trainable_scan():
         assert modeling_jamba.mamba_selective_scan is selective_scan
     assert modeling_jamba.mamba_selective_scan is reference
+
+
+def test_time_steps_start_in_mambas_range_and_deterministic():
+    """transformers' init leaves every step at softplus(0) = 0.69; after `init_time_steps` the steps
+    (softplus of the bias) lie in [1e-3, 0.1], spread over the range, the same for the same seed."""
+    biases = []
+    for _ in range(2):
+        model, _ = build_model(64, [2])
+        dt_projs = [m.dt_proj for m in model.modules() if isinstance(getattr(m, "dt_proj", None), torch.nn.Linear)]
+        assert dt_projs and all(torch.allclose(torch.nn.functional.softplus(p.bias), torch.tensor(math.log(2))) for p in dt_projs)
+        init_time_steps(model, seed=0)
+        steps = torch.cat([torch.nn.functional.softplus(p.bias) for p in dt_projs])
+        assert steps.min() >= 1e-3 * 0.999 and steps.max() <= 0.1 * 1.001
+        assert steps.min() < 3e-3 and steps.max() > 0.03
+        biases.append(steps)
+    torch.testing.assert_close(biases[0], biases[1])
 
 
 def test_collate_pads_on_the_right_and_labels_only_the_reply():
@@ -108,5 +126,16 @@ def test_a_run_can_start_from_another_runs_weights(tmp_path):
     train(first)
     again = TrainConfig(**{**first.__dict__, "out": str(tmp_path / "b"), "steps": 0, "init_from": first.out})
     train(again)
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("a", "b"))
+    assert all(torch.equal(p, dict(b.named_parameters())[name]) for name, p in a.named_parameters())
+
+
+def test_a_stage_stopped_early_ends_where_its_schedule_stands_and_is_deterministic(tmp_path):
+    """`stop_at` ends (and saves) a run at that step of the schedule of `steps`; `kinds` limits the
+    corpus; two runs with the same settings write the same weights (the recipe in the README)."""
+    base = dict(steps=3, batch_size=2, warmup_steps=1, train_examples=4, heldout_examples=2, kinds="copy")
+    whole = train(TrainConfig(out=str(tmp_path / "whole"), **base))
+    runs = [train(TrainConfig(out=str(tmp_path / name), stop_at=2, **base)) for name in ("a", "b")]
+    assert whole["steps"] == 3 and [r["steps"] for r in runs] == [2, 2] and runs[0]["evals"][-1]["step"] == 2
     a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("a", "b"))
     assert all(torch.equal(p, dict(b.named_parameters())[name]) for name, p in a.named_parameters())
