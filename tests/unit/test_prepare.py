@@ -111,6 +111,15 @@ def test_a_list_of_prompts_is_one_run_each_with_its_own_room(engine):
     assert len(strings.runs) == 2 and strings.runs[1].prompt.text == "you"
 
 
+def test_each_prompt_gets_its_own_engine_parameters(engine):
+    """The engine adapter marks its parameters `skip_clone` (vLLM copies them shallowly): that holds
+    only while no two engine requests share one parameters object."""
+    fresh = SimpleNamespace(**{**vars(engine), "engine_params": lambda spec: [spec]})
+    body = CompletionRequest.model_validate({"model": "m", "prompt": [[20], [21], [22]], "max_tokens": 2})
+    runs = prepare_completion(body, fresh, SETTINGS).runs
+    assert len(runs) == 3 and len({id(run.engine_params) for run in runs}) == 3
+
+
 @pytest.mark.parametrize(
     "prompt, param",
     [(["ok", ""], "prompt[1]"), ([[1, 2], [10**7]], "prompt[1]"), ([[3], []], "prompt[1]"), (["x " * 2000, "ok"], "prompt[0]")],

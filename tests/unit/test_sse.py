@@ -80,3 +80,75 @@ def test_the_slot_is_released_even_if_ending_the_engine_request_fails():
     closed, events = _run_stream(write_timeout=0.05, deadline_in=None, client_reads=True, closing_fails=True)
     assert closed == ["slow_client"]
     assert events == ["aborted: slow_client", "engine request ended"]
+
+
+def test_a_client_that_reads_past_the_write_timeout_then_stops_is_cut_a_write_timeout_after():
+    """Writes keep coming for longer than the write timeout (the one timer per stream re-arms for
+    each later write); the write that then never completes is cut no sooner than its timeout."""
+    cut_after: list[float] = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        stalled_at: list[float] = []
+        stuck = asyncio.Event()
+
+        async def body():
+            while True:
+                yield b"data: x\n\n"
+                await asyncio.sleep(0.01)
+
+        async def send(message):
+            if message["type"] == "http.response.body" and loop.time() - started > 0.23:  # off the timer's 0.05 s phase
+                stalled_at.append(loop.time())
+                await stuck.wait()
+
+        async def receive():
+            await stuck.wait()
+
+        async def cut(cause):
+            cut_after.append(loop.time() - stalled_at[0])
+
+        async def on_close(cause):
+            cut_after.append(cause)
+
+        started = loop.time()
+        response = TrackedStreamingResponse(body(), on_close, cut, 0.05, None)
+        await response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+
+    asyncio.run(main())
+    waited, cause = cut_after
+    assert cause == "slow_client"
+    assert 0.05 <= waited < 1.0
+
+
+def test_the_last_chunk_ends_the_response_in_the_same_write():
+    messages: list[dict] = []
+    closed: list[str | None] = []
+
+    async def main():
+        response: TrackedStreamingResponse
+
+        async def body():
+            yield b"data: 1\n\n"
+            response.sent_whole = True
+            yield b"data: 2\n\ndata: [DONE]\n\n"
+
+        async def send(message):
+            messages.append(message)
+
+        async def receive():
+            await asyncio.Event().wait()
+
+        async def on_close(cause):
+            closed.append(cause)
+
+        async def cut(cause):
+            raise AssertionError("not cut")
+
+        response = TrackedStreamingResponse(body(), on_close, cut, 1.0, None)
+        await response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+
+    asyncio.run(main())
+    bodies = [(m["body"], m["more_body"]) for m in messages if m["type"] == "http.response.body"]
+    assert bodies == [(b"data: 1\n\n", True), (b"data: 2\n\ndata: [DONE]\n\n", False)]
+    assert closed == [None]

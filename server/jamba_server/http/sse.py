@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
+from starlette.types import Send
 
 from jamba_server.errors import APIError, ClientDisconnected
 from jamba_server.metrics import ABORTED
@@ -77,6 +78,56 @@ class _WriteTimeout(Exception):
     Starlette takes for a disconnect)."""
 
 
+class _WriteWatch:
+    """Bounds each write of one stream (by `write_timeout` after it began, and by the deadline)
+    with one timer per stream, re-armed only when it fires, instead of a timeout per write: a
+    timer per chunk was a measurable part of the API process's CPU per streamed token.
+
+    `begin`/`end` bracket a write; a write still pending at its limit gets its task cancelled,
+    which `cut` (called where the write's CancelledError lands) turns into `_WriteTimeout`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, write_timeout: float, deadline: float | None):
+        self._loop = loop
+        self._write_timeout = write_timeout
+        self._deadline = deadline
+        self._since: float | None = None  # when the pending write began
+        self._timer: asyncio.TimerHandle | None = None
+        self._writer: asyncio.Task | None = None
+        self._fired = False
+
+    def begin(self) -> None:
+        self._since = self._loop.time()
+        if self._timer is None:
+            self._writer = asyncio.current_task()
+            self._timer = self._loop.call_at(self._limit(self._since), self._check)
+
+    def end(self) -> None:
+        self._since = None
+
+    def cut(self) -> bool:
+        """Whether a CancelledError in a write is this watch's (and so a write timeout)."""
+        return self._fired and self._writer is not None and self._writer.uncancel() == 0
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _limit(self, since: float) -> float:
+        limit = since + self._write_timeout
+        return limit if self._deadline is None else min(limit, self._deadline)
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._since is None:
+            return  # no write pending: the next one arms the timer again
+        if self._loop.time() < self._limit(self._since):
+            self._timer = self._loop.call_at(self._limit(self._since), self._check)  # a later write
+        elif self._writer is not None:
+            self._fired = True
+            self._writer.cancel()
+
+
 class TrackedStreamingResponse(StreamingResponse):
     """A streaming response that knows how it ended: sent whole, or cut (`client_disconnect`,
     `slow_client`, `deadline`); `on_close(cause)` runs exactly once however it ends.
@@ -85,6 +136,9 @@ class TrackedStreamingResponse(StreamingResponse):
     memory: a write the client does not accept within `write_timeout` seconds, or by the request's
     deadline, cuts the stream; `on_cut(cause)` then aborts the engine request (uvicorn itself waits on
     a full socket forever).
+
+    The body's last chunk (the iterator sets `sent_whole` before yielding it) ends the response in
+    the same write, not in one more empty one.
     """
 
     def __init__(
@@ -106,17 +160,28 @@ class TrackedStreamingResponse(StreamingResponse):
         self._deadline = deadline
         self.sent_whole = False
 
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async for chunk in self.body_iterator:
+            await send({"type": "http.response.body", "body": chunk, "more_body": not self.sent_whole})
+        if not self.sent_whole:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         loop = asyncio.get_running_loop()
+        watch = _WriteWatch(loop, self._write_timeout, self._deadline)
         cause: str | None = "client_disconnect"
 
         async def send_within(message: Any) -> None:
-            limit = loop.time() + self._write_timeout
+            watch.begin()
             try:
-                async with asyncio.timeout_at(limit if self._deadline is None else min(limit, self._deadline)):
-                    await send(message)
-            except TimeoutError:
-                raise _WriteTimeout from None
+                await send(message)
+            except asyncio.CancelledError:
+                if watch.cut():
+                    raise _WriteTimeout from None
+                raise
+            finally:
+                watch.end()
 
         try:
             await super().__call__(scope, receive, send_within)
@@ -127,6 +192,7 @@ class TrackedStreamingResponse(StreamingResponse):
             cause = "deadline" if past_deadline else "slow_client"
             logger.warning("stream cut: the client did not accept data (%s)", cause)
         finally:
+            watch.close()
             try:
                 if cause in ("slow_client", "deadline"):
                     await self._on_cut(cause)

@@ -230,6 +230,10 @@ class EngineAdapter:
             # Per-step deltas; `generate` asks a non-streaming request's for its whole output at once
             # (FINAL_ONLY: a delta from nothing, as it reads it).
             output_kind=RequestOutputKind.DELTA,
+            # Made for one engine request (each prompt gets its own), as vLLM's server makes its
+            # own: vLLM then copies it shallowly, not deeply (a deep copy per request, schema
+            # included, was a millisecond of the API process's CPU per JSON request).
+            skip_clone=True,
         )
         if spec.constraint is not None:
             check_constraint(spec.constraint)
