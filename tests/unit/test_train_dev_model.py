@@ -16,6 +16,7 @@ from jamba_server.train_dev_model import (
     TrainConfig,
     collate,
     init_time_steps,
+    key_token_mask,
     reply_loss,
     selective_scan,
     train,
@@ -97,6 +98,35 @@ def test_a_padded_batch_has_the_loss_of_its_sequences_alone():
         alone = [reply_loss(model, collate([s], pad_id=0)) for s in (long, short)]
     assert count == 10 + 7 == sum(n for _, n in alone)
     torch.testing.assert_close(together, alone[0][0] + alone[1][0], rtol=1e-4, atol=1e-4)
+
+
+def test_key_tokens_are_the_called_functions_what_follows_each_call_and_the_cited_documents(dev_model):
+    tokenizer = AutoTokenizer.from_pretrained(dev_model)
+    calls = ' <tool_calls>[\n    {"name": "get_time", "arguments": {"city": "Oslo"}},\n    {"name": "get_phone", "arguments": {"name": "Ana"}}\n]</tool_calls><|eom|>'
+    cited = " Ana lives in Oslo.<citations>[2]</citations><|eom|>"
+    for text, wanted in ((calls, 'get_time"}},get_phoneAna\n'), (cited, "[2]"), (" Hello! How are you?<|eom|>", "")):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        mask = key_token_mask(tokenizer, text, ids)
+        assert len(mask) == len(ids)
+        assert "".join(tokenizer.decode([i]) for i, key in zip(ids, mask) if key) == wanted
+    # Text that does not tokenize alone to the ids given has no offsets to map: nothing is key.
+    assert not any(key_token_mask(tokenizer, cited, tokenizer.encode(cited + "x", add_special_tokens=False)))
+
+
+def test_key_weight_counts_each_key_reply_token_that_many_times():
+    model, _ = build_model(64, [2, 5])
+    ids = torch.randint(14, 64, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    key = [False] * 12
+    key[9] = True
+    sequence = Sequence(ids, [IGNORE] * 6 + ids[6:], key)
+    with torch.no_grad(), trainable_scan():
+        plain, count = reply_loss(model, collate([sequence], pad_id=0))
+        weighted, weight = reply_loss(model, collate([sequence], pad_id=0), key_weight=4.0)
+        logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+    per_token = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="none")
+    assert count == 6 and weight == 9.0
+    torch.testing.assert_close(plain, per_token[5:].sum())
+    torch.testing.assert_close(weighted, per_token[5:].sum() + 3 * per_token[8])
 
 
 def test_a_short_run_writes_a_model_directory_transformers_loads_and_generates_with(tmp_path, dev_model):
