@@ -63,9 +63,35 @@ SYLLABLES = (
     "ka", "ri", "mo", "len", "ta", "vi", "so", "na", "be", "lu", "dor", "mi", "ra", "no", "el", "an", "ge", "po",
     "si", "ur", "ba", "de", "ho", "ju", "ke", "la", "ma", "ne", "ol", "pa", "ro", "sa", "te", "va", "zo", "ni",
 )  # fmt: skip
+VOWELS, CONSONANTS = "aeiou", "bcdfghjklmnpqrstvwxyz"
+
+
+def _spelled(label: str, count: int, exclude: set[str]) -> tuple[str, ...]:
+    """`count` made-up capitalized words of random letters, mostly alternating consonants and vowels
+    (deterministic per label). `_invented`'s syllables tokenize into a few dozen pieces; held-out
+    names spell with others ("Alice": " A", "l", "ic", "e"), which a model trained on syllables alone
+    neither copied nor matched against documents (stage 6 wrote "jum" for "ic"). Random letters
+    give the tokenizer's whole alphabet its share."""
+    rng = random.Random(f"dev-corpus:spelled:{label}")
+    words: list[str] = []
+    seen = set(exclude)
+    while len(words) < count:
+        letters = []
+        for i in range(rng.randint(3, 8)):
+            vowel = (i % 2 == 1) != (rng.random() < 0.2)  # alternating, now and then not
+            letters.append(rng.choice(VOWELS if vowel else CONSONANTS))
+        word = "".join(letters).capitalize()
+        if word not in seen:
+            seen.add(word)
+            words.append(word)
+    return tuple(words)
+
+
 _HELD_OUT = {*NAMES["heldout"], *CITIES["heldout"]}
 NAMES["train"] += _invented("names", 1500, _HELD_OUT | set(NAMES["train"]) | set(CITIES["train"]))
 CITIES["train"] += _invented("cities", 1000, _HELD_OUT | set(NAMES["train"]) | set(CITIES["train"]))
+NAMES["train"] += _spelled("names", 3000, _HELD_OUT | set(NAMES["train"]) | set(CITIES["train"]))
+CITIES["train"] += _spelled("cities", 2000, _HELD_OUT | set(NAMES["train"]) | set(CITIES["train"]))
 
 JOBS = ("teacher", "doctor", "farmer", "pilot", "baker", "nurse", "driver", "painter", "writer", "cook")
 TOPICS = ("lunch", "the meeting", "the report", "the trip", "the party", "the invoice")
@@ -167,7 +193,8 @@ def _question(clauses: list[str]) -> str:
 
 def _tool_uses(rng: random.Random, vocab: Vocab) -> tuple[list[dict[str, Any]], str, list[ToolUse]]:
     """Tools offered, a question, and the one or two calls it needs (emails are never mixed with
-    questions: the sentence would not read)."""
+    questions: the sentence would not read; two calls are never the same call twice: "the time in
+    Porto and the time in Porto" asks for one)."""
     count = 1 if rng.random() < 0.6 else 2
     first = rng.choice(sorted(TOOLS))
     if first == "send_email":
@@ -175,6 +202,8 @@ def _tool_uses(rng: random.Random, vocab: Vocab) -> tuple[list[dict[str, Any]], 
     else:
         names = [first] + [rng.choice([n for n in sorted(TOOLS) if n != "send_email"]) for _ in range(count - 1)]
     clauses, uses = zip(*(_tool_use(rng, vocab, name) for name in names))
+    while len({(u.name, json.dumps(u.arguments)) for u in uses}) < count:
+        clauses, uses = zip(*(_tool_use(rng, vocab, name) for name in names))
     extra = rng.sample([n for n in sorted(TOOLS) if n not in names], rng.randint(0, 2))
     offered = sorted({*names, *extra}, key=lambda n: rng.random())
     return [TOOLS[n] for n in offered], _question(list(clauses)), list(uses)

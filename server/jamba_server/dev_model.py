@@ -19,7 +19,7 @@ from jamba_server.settings import DEFAULT_TEMPLATE
 SEED = 1234
 TRAINED_SOURCE = Path(__file__).resolve().parents[2] / "dev-model" / "jamba-tiny-dev-trained"
 # of TRAINED_SOURCE/model.safetensors: a changed file fails `make model` (update it with the file)
-TRAINED_SHA256 = "5f0edbdff2adde5079e41a2bc15233295859b156ab61da85d2a8533f1bef79c8"
+TRAINED_SHA256 = "7c80d94628269c776a68d01556aea2622f663b3c07e1a88564769606fa3364b9"
 VOCAB_SIZE = 1024
 
 # Ids 0-3 follow Jamba's tokenizer; the rest are Jamba 1.5's chat and tool tokens, each one token.
@@ -113,7 +113,8 @@ def build_tokenizer(chat_template: str):
     return tokenizer
 
 
-def build_model(vocab_size: int, eos_ids: list[int]):
+def build_model(vocab_size: int, eos_ids: list[int], num_hidden_layers: int = MODEL_CONFIG["num_hidden_layers"]):
+    """`MODEL_CONFIG`'s model with random weights; a trained one may be deeper (`train_dev_model.grow`)."""
     import torch
     from transformers import GenerationConfig, JambaConfig, JambaForCausalLM
 
@@ -123,7 +124,7 @@ def build_model(vocab_size: int, eos_ids: list[int]):
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=eos_ids,
-        **MODEL_CONFIG,
+        **{**MODEL_CONFIG, "num_hidden_layers": num_hidden_layers},
     )
     model = JambaForCausalLM(config).to(torch.float32).eval()
     generation = GenerationConfig(bos_token_id=1, eos_token_id=eos_ids, pad_token_id=0)
@@ -149,18 +150,20 @@ def trained_weights(source: Path = TRAINED_SOURCE, expected: str = TRAINED_SHA25
 
 def build(out: Path, weights: Path | None = None) -> str:
     """Write the checkpoint to `out` (random weights, or the safetensors file `weights` in the same
-    architecture); return a digest of its weights and tokenizer."""
+    architecture, as deep as they are); return a digest of its weights and tokenizer."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tokenizer = build_tokenizer(DEFAULT_TEMPLATE.read_text(encoding="utf-8"))
     eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|eom|>")]
-    model, generation = build_model(len(tokenizer), eos_ids)
-    if weights is not None:  # through transformers: its checkpoint layout is not its state_dict's
+    if weights is None:
+        model, generation = build_model(len(tokenizer), eos_ids)
+    else:  # through transformers: its checkpoint layout is not its state_dict's
         import torch
         from transformers import JambaForCausalLM
 
         trained = JambaForCausalLM.from_pretrained(weights.parent, dtype=torch.float32)
+        model, generation = build_model(len(tokenizer), eos_ids, trained.config.num_hidden_layers)
         model.load_state_dict(trained.state_dict(), strict=True)
         if (weights.parent / "train_log.json").exists():
             shutil.copyfile(weights.parent / "train_log.json", tmp / "train_log.json")

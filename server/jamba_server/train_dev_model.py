@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import random
@@ -51,6 +52,8 @@ class TrainConfig:
     kinds: str | None = None  # comma-separated corpus kinds to train on (default: all, dev_corpus.KINDS)
     stop_at: int | None = None  # end (and save) at this step, the schedule still that of `steps`
     key_weight: float = 1.0  # the loss weight of a reply's deciding tokens (`key_token_mask`); 1: none
+    grow_layers: int | None = None  # deepen the starting model to this many layers (`grow`)
+    key_arguments: int = 0  # 1: a call's argument values are deciding tokens too (`ARGUMENT_VALUES`)
 
 
 def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -99,6 +102,35 @@ def init_time_steps(model: Any, seed: int, dt_min: float = 1e-3, dt_max: float =
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus's inverse
 
 
+# A new layer's residual branches end in these: zeroed, the layer adds nothing until trained.
+OUTPUT_PROJECTIONS = ("out_proj.weight", "o_proj.weight", "down_proj.weight", "experts.down_proj")
+
+
+def grow(model: Any, layers: int, seed: int) -> Any:
+    """`model` deepened to `layers` layers, computing the same function: its layers come first, the new
+    ones (the same attention and MoE pattern, fresh weights, Mamba's time steps from `init_time_steps`)
+    have their output projections zeroed. Training then adds what its depth could not hold."""
+    from transformers import JambaForCausalLM
+
+    config = copy.deepcopy(model.config)
+    old = config.num_hidden_layers
+    if layers <= old:
+        raise ValueError(f"the model has {old} layers already; grow_layers must be more")
+    config.num_hidden_layers = layers
+    torch.manual_seed(seed)
+    grown = JambaForCausalLM(config).to(torch.float32)
+    init_time_steps(grown, seed)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(int(name.split(".")[2]) < old for name in missing):
+        raise ValueError("the grown model's first layers are not the model's")
+    with torch.no_grad():
+        for layer in grown.model.layers[old:]:
+            for name, parameter in layer.named_parameters():
+                if name.endswith(OUTPUT_PROJECTIONS):
+                    parameter.zero_()
+    return grown
+
+
 @contextlib.contextmanager
 def trainable_scan() -> Iterator[None]:
     """transformers' Jamba runs `selective_scan` instead of its reference scan, inside the block."""
@@ -124,27 +156,39 @@ class Sequence:
 # whether another call follows a call's closing braces, and the cited document numbers. A plain
 # per-token loss spreads its gradient over ~20-45 reply tokens of which these are 1-8.
 KEY_SPANS = re.compile(r'"name": "([^"]*)"|\}\}(,|\n)|<citations>(.*?)</citations>', re.DOTALL)
+# Every string value in a call (and its name): where a two-call reply goes wrong, its second call
+# repeats the first one's values ("to": "Carla" twice for Carla and Dana).
+ARGUMENT_VALUES = re.compile(r'"[a-z_]+": "([^"]*)"')
 
 
-def key_token_mask(tokenizer: Any, text: str, token_ids: list[int]) -> list[bool]:
-    """Which of `text`'s tokens (`token_ids`) overlap a `KEY_SPANS` group: all False when the text
-    alone does not tokenize to those ids (no offsets to map the spans with)."""
+def key_token_mask(tokenizer: Any, text: str, token_ids: list[int], arguments: bool = False) -> list[bool]:
+    """Which of `text`'s tokens (`token_ids`) overlap a `KEY_SPANS` group (or, with `arguments`, an
+    `ARGUMENT_VALUES` one): all False when the text alone does not tokenize to those ids (no offsets
+    to map the spans with)."""
     encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
     if encoding.ids != token_ids:
         return [False] * len(token_ids)
     spans = [match.span(group) for match in KEY_SPANS.finditer(text) for group in (1, 2, 3) if match.group(group)]
+    if arguments:
+        spans += [match.span(1) for match in ARGUMENT_VALUES.finditer(text) if match.group(1)]
     return [any(start < end_span and begin < end for begin, end_span in spans) for start, end in encoding.offsets]
 
 
 def encode(
-    tokenizer: Any, chat_template: str, split: str, count: int, seed: int, kinds: list[str] | None = None
+    tokenizer: Any,
+    chat_template: str,
+    split: str,
+    count: int,
+    seed: int,
+    kinds: list[str] | None = None,
+    key_arguments: bool = False,
 ) -> list[Sequence]:
     """The split's examples (of `kinds`, if given) as prompt + reply token ids, the loss masked to the reply."""
     sequences = []
     for example in dev_corpus.generate(split, count, seed, kinds):
         rendered = dev_corpus.render_example(example, tokenizer, chat_template)
         prompt, target = rendered.prompt.token_ids, rendered.target_ids
-        key = [False] * len(prompt) + key_token_mask(tokenizer, rendered.target_text, target)
+        key = [False] * len(prompt) + key_token_mask(tokenizer, rendered.target_text, target, key_arguments)
         sequences.append(Sequence(prompt + target, [IGNORE] * len(prompt) + target, key))
     return sequences
 
@@ -245,21 +289,25 @@ def _train(config: TrainConfig) -> dict[str, Any]:
     tokenizer = dev_model.build_tokenizer(chat_template)
     eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|eom|>")]
     model, generation = dev_model.build_model(len(tokenizer), eos_ids)
-    if config.init_from:
+    if config.init_from:  # its architecture, which may be deeper than dev_model's (`grow`)
         from transformers import JambaForCausalLM
 
-        model.load_state_dict(JambaForCausalLM.from_pretrained(config.init_from, dtype=torch.float32).state_dict())
+        model = JambaForCausalLM.from_pretrained(config.init_from, dtype=torch.float32)
     else:
         init_time_steps(model, config.seed)
+    if config.grow_layers:
+        model = grow(model, config.grow_layers, config.seed)
     model.train()
     pad_id = tokenizer.pad_token_id
     started = time.monotonic()
     kinds = config.kinds.split(",") if config.kinds else None
-    train_set = encode(tokenizer, chat_template, "train", config.train_examples, config.seed, kinds)
+    key_arguments = bool(config.key_arguments)
+    train_set = encode(tokenizer, chat_template, "train", config.train_examples, config.seed, kinds, key_arguments)
     heldout = encode(tokenizer, chat_template, "heldout", config.heldout_examples, config.seed, kinds)
     # A fixed slice of training examples gives a train loss comparable over time.
     probes = {"train": train_set[: config.heldout_examples], "heldout": heldout}
-    log: dict[str, Any] = {"config": asdict(config), "model_config": dev_model.MODEL_CONFIG, "evals": []}
+    model_config = {key: getattr(model.config, key) for key in dev_model.MODEL_CONFIG}
+    log: dict[str, Any] = {"config": asdict(config), "model_config": model_config, "evals": []}
     log["encode_seconds"] = round(time.monotonic() - started, 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     log["evals"].append({"step": 0, **_losses(model, probes, config.batch_size, pad_id)})
@@ -300,7 +348,7 @@ def _train(config: TrainConfig) -> dict[str, Any]:
 
 OPTION_TYPES = {
     "learning_rate": float, "weight_decay": float, "max_minutes": float, "init_from": str,
-    "kinds": str, "stop_at": int, "key_weight": float,
+    "kinds": str, "stop_at": int, "key_weight": float, "grow_layers": int,
 }  # fmt: skip
 
 

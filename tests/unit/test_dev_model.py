@@ -26,9 +26,10 @@ def test_changed_weights_are_refused(tmp_path):
         trained_weights(tmp_path)
 
 
-def test_a_build_from_weights_carries_them_and_the_train_log(tmp_path):
+@pytest.mark.parametrize("layers", [4, 8], ids=["as-built", "grown"])
+def test_a_build_from_weights_carries_them_and_the_train_log(tmp_path, layers):
     source = tmp_path / "source"
-    model, _ = build_model(688, [2, 5])
+    model, _ = build_model(688, [2, 5], layers)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.5)
@@ -39,4 +40,5 @@ def test_a_build_from_weights_carries_them_and_the_train_log(tmp_path):
     for name, value in model.state_dict().items():
         torch.testing.assert_close(built[name], value, rtol=0, atol=0)
     assert (tmp_path / "out" / "train_log.json").read_text() == '{"steps": 7}\n'
+    assert built.keys() == model.state_dict().keys()
     assert (tmp_path / "out" / "DIGEST").exists() and (tmp_path / "out" / "tokenizer.json").exists()

@@ -15,6 +15,7 @@ from jamba_server.train_dev_model import (
     Sequence,
     TrainConfig,
     collate,
+    grow,
     init_time_steps,
     key_token_mask,
     reply_loss,
@@ -109,6 +110,10 @@ def test_key_tokens_are_the_called_functions_what_follows_each_call_and_the_cite
         mask = key_token_mask(tokenizer, text, ids)
         assert len(mask) == len(ids)
         assert "".join(tokenizer.decode([i]) for i, key in zip(ids, mask) if key) == wanted
+    # With `arguments`, every value a call copies from the question is key too.
+    ids = tokenizer.encode(calls, add_special_tokens=False)
+    keys = "".join(tokenizer.decode([i]) for i, key in zip(ids, key_token_mask(tokenizer, calls, ids, True)) if key)
+    assert keys == 'get_timeOslo"}},get_phoneAna\n'
     # Text that does not tokenize alone to the ids given has no offsets to map: nothing is key.
     assert not any(key_token_mask(tokenizer, cited, tokenizer.encode(cited + "x", add_special_tokens=False)))
 
@@ -169,3 +174,22 @@ def test_a_stage_stopped_early_ends_where_its_schedule_stands_and_is_determinist
     assert whole["steps"] == 3 and [r["steps"] for r in runs] == [2, 2] and runs[0]["evals"][-1]["step"] == 2
     a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("a", "b"))
     assert all(torch.equal(p, dict(b.named_parameters())[name]) for name, p in a.named_parameters())
+
+
+def test_growing_adds_layers_of_the_same_pattern_and_keeps_the_function():
+    model, _ = build_model(688, [2, 5])
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    grown = grow(model, 8, seed=1)
+    layers = model.config.num_hidden_layers
+    assert grown.config.num_hidden_layers == 8 and layers < 8
+    assert [type(layer) for layer in grown.model.layers[:layers]] == [type(layer) for layer in model.model.layers]
+    assert type(grown.model.layers[layers + 2].self_attn) is type(model.model.layers[2].self_attn)
+    ids = torch.randint(20, 600, (2, 40), generator=torch.Generator().manual_seed(0))
+    with trainable_scan(), torch.no_grad():
+        torch.testing.assert_close(grown(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    grown(input_ids=ids).logits.square().mean().backward()
+    assert grown.model.layers[-1].mamba.out_proj.weight.grad.abs().sum() > 0  # the new layers learn
+    with pytest.raises(ValueError, match="more"):
+        grow(model, layers, seed=1)
