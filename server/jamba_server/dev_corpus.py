@@ -70,8 +70,8 @@ def _spelled(label: str, count: int, exclude: set[str]) -> tuple[str, ...]:
     """`count` made-up capitalized words of random letters, mostly alternating consonants and vowels
     (deterministic per label). `_invented`'s syllables tokenize into a few dozen pieces; held-out
     names spell with others ("Alice": " A", "l", "ic", "e"), which a model trained on syllables alone
-    neither copied nor matched against documents (stage 6 wrote "jum" for "ic"). Random letters
-    give the tokenizer's whole alphabet its share."""
+    did not copy (stage 6 wrote "jum" for "ic"). Random letters give the tokenizer's whole alphabet
+    its share."""
     rng = random.Random(f"dev-corpus:spelled:{label}")
     words: list[str] = []
     seen = set(exclude)
