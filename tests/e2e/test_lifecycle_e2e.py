@@ -35,7 +35,9 @@ SHORT_STREAM = {**LONG_STREAM, "max_tokens": SHORT_TOKENS}
 def server(dev_model):
     """Shared by the module's tests; the drain test, last, stops it. Warmed by one request, so no
     test measures the engine's first step."""
-    proc = start_server(*LONG_CONTEXT_ARGS, "--drain-timeout", "120", "--log-request-content")
+    # The drain test's long stream must outlive its checks: a CI run took 120 s from SIGTERM to them
+    # (the stream 16,000 tokens long, its output file re-read on every poll) and the drain timed out.
+    proc = start_server(*LONG_CONTEXT_ARGS, "--drain-timeout", "600", "--log-request-content")
     try:
         httpx.post(proc.base_url + "/v1/chat/completions", json={**LONG, "max_tokens": 4}, timeout=120).raise_for_status()
     except BaseException:
