@@ -49,13 +49,18 @@ def _invented(label: str, count: int, exclude: set[str]) -> tuple[str, ...]:
     thousands of them in training no single name can be memorized, so the model must learn to copy
     a name or city from the question, which is what held-out cases ask of it."""
     rng = random.Random(f"dev-corpus:invented:{label}")
+    return _distinct(count, exclude, lambda: "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize())
+
+
+def _distinct(count: int, exclude: set[str], word: Callable[[], str]) -> tuple[str, ...]:
+    """The first `count` different words `word()` makes that are not in `exclude`."""
     words: list[str] = []
     seen = set(exclude)
     while len(words) < count:
-        word = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
-        if word not in seen:
-            seen.add(word)
-            words.append(word)
+        made = word()
+        if made not in seen:
+            seen.add(made)
+            words.append(made)
     return tuple(words)
 
 
@@ -73,18 +78,15 @@ def _spelled(label: str, count: int, exclude: set[str]) -> tuple[str, ...]:
     did not copy (stage 6 wrote "jum" for "ic"). Random letters give the tokenizer's whole alphabet
     its share."""
     rng = random.Random(f"dev-corpus:spelled:{label}")
-    words: list[str] = []
-    seen = set(exclude)
-    while len(words) < count:
+
+    def word() -> str:
         letters = []
         for i in range(rng.randint(3, 8)):
             vowel = (i % 2 == 1) != (rng.random() < 0.2)  # alternating, now and then not
             letters.append(rng.choice(VOWELS if vowel else CONSONANTS))
-        word = "".join(letters).capitalize()
-        if word not in seen:
-            seen.add(word)
-            words.append(word)
-    return tuple(words)
+        return "".join(letters).capitalize()
+
+    return _distinct(count, exclude, word)
 
 
 _HELD_OUT = {*NAMES["heldout"], *CITIES["heldout"]}

@@ -281,14 +281,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         return _train(config)
 
 
-def _train(config: TrainConfig) -> dict[str, Any]:
-    torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
-    chat_template = DEFAULT_TEMPLATE.read_text(encoding="utf-8")
-    tokenizer = dev_model.build_tokenizer(chat_template)
-    eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|eom|>")]
-    model, generation = dev_model.build_model(len(tokenizer), eos_ids)
+def _starting_model(config: TrainConfig, vocab_size: int, eos_ids: list[int]) -> tuple[Any, Any]:
+    """The model a run trains (fresh, or `init_from`'s, then grown if asked) and its generation config."""
+    model, generation = dev_model.build_model(vocab_size, eos_ids)
     if config.init_from:  # its architecture, which may be deeper than dev_model's (`grow`)
         from transformers import JambaForCausalLM
 
@@ -297,6 +292,17 @@ def _train(config: TrainConfig) -> dict[str, Any]:
         init_time_steps(model, config.seed)
     if config.grow_layers:
         model = grow(model, config.grow_layers, config.seed)
+    return model, generation
+
+
+def _train(config: TrainConfig) -> dict[str, Any]:
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    chat_template = DEFAULT_TEMPLATE.read_text(encoding="utf-8")
+    tokenizer = dev_model.build_tokenizer(chat_template)
+    eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|eom|>")]
+    model, generation = _starting_model(config, len(tokenizer), eos_ids)
     model.train()
     pad_id = tokenizer.pad_token_id
     started = time.monotonic()
