@@ -193,21 +193,28 @@ def _question(clauses: list[str]) -> str:
     return "What is " + " and ".join(clauses) + "?"
 
 
-def _tool_uses(rng: random.Random, vocab: Vocab) -> tuple[list[dict[str, Any]], str, list[ToolUse]]:
-    """Tools offered, a question, and the one or two calls it needs (emails are never mixed with
-    questions: the sentence would not read; two calls are never the same call twice: "the time in
-    Porto and the time in Porto" asks for one)."""
+def _tool_names(rng: random.Random) -> list[str]:
+    """The functions a question needs: one, or two (emails are never mixed with questions: the
+    sentence would not read)."""
     count = 1 if rng.random() < 0.6 else 2
     first = rng.choice(sorted(TOOLS))
     if first == "send_email":
-        names = [first] * count
-    else:
-        names = [first] + [rng.choice([n for n in sorted(TOOLS) if n != "send_email"]) for _ in range(count - 1)]
+        return [first] * count
+    return [first] + [rng.choice([n for n in sorted(TOOLS) if n != "send_email"]) for _ in range(count - 1)]
+
+
+def _tool_uses(
+    rng: random.Random, vocab: Vocab, names: list[str] | None = None
+) -> tuple[list[dict[str, Any]], str, list[ToolUse]]:
+    """Tools offered, a question, and the calls of `names` (default `_tool_names`) it needs; two
+    calls are never the same call twice: "the time in Porto and the time in Porto" asks for one."""
+    names = names or _tool_names(rng)
+    count = len(names)
     clauses, uses = zip(*(_tool_use(rng, vocab, name) for name in names))
     while len({(u.name, json.dumps(u.arguments)) for u in uses}) < count:
         clauses, uses = zip(*(_tool_use(rng, vocab, name) for name in names))
     extra = rng.sample([n for n in sorted(TOOLS) if n not in names], rng.randint(0, 2))
-    offered = sorted({*names, *extra}, key=lambda n: rng.random())
+    offered = sorted(dict.fromkeys([*names, *extra]), key=lambda n: rng.random())  # not a set: its order varies by process
     return [TOOLS[n] for n in offered], _question(list(clauses)), list(uses)
 
 
@@ -270,6 +277,16 @@ def tool_call_example(rng: random.Random, vocab: Vocab) -> Example:
     return Example("tool_call", request, {"content": "", "tool_calls": _assistant_calls(uses)})
 
 
+def tool_call_twice_example(rng: random.Random, vocab: Vocab) -> Example:
+    """A curriculum kind: questions that ask one function twice ("an email to Carla about the report
+    and an email to Dana about the meeting"), a sixth of `tool_call`'s and most of stage 8's misses
+    there: its second call repeated the first one's arguments."""
+    name = rng.choice(sorted(TOOLS))
+    tools, question, uses = _tool_uses(rng, vocab, [name, name])
+    request = {"messages": [*_system(rng), {"role": "user", "content": question}], "tools": tools}
+    return Example("tool_call_twice", request, {"content": "", "tool_calls": _assistant_calls(uses)})
+
+
 def tool_none_example(rng: random.Random, vocab: Vocab) -> Example:
     tools, _, _ = _tool_uses(rng, vocab)
     question, answer = _small_talk(rng, vocab)
@@ -318,6 +335,23 @@ def document_example(rng: random.Random, vocab: Vocab) -> Example:
     return Example("citation" if citing else "documents", request, reply)
 
 
+def citation_who_example(rng: random.Random, vocab: Vocab) -> Example:
+    """A curriculum kind: people documents, each in its own city, and "Who lives in {city}?" answered
+    with the name and the document's id. The name ends the answer, right before the id: the nearest
+    a citation gets to what finds the document (the title), where `documents` puts the name a
+    sentence back."""
+    people = rng.sample(vocab.names, rng.randint(2, 4))
+    cities = rng.sample(vocab.cities, len(people))
+    documents = [{"title": name, "text": f"{name} lives in {city}."} for name, city in zip(people, cities)]
+    asked = rng.randrange(len(people))
+    request = {
+        "messages": [*_system(rng), {"role": "user", "content": f"Who lives in {cities[asked]}?"}],
+        "documents": documents,
+        "citation_mode": "fast",
+    }
+    return Example("citation_who", request, {"content": f"{people[asked]}.", "citations": [asked]})
+
+
 def json_example(rng: random.Random, vocab: Vocab) -> Example:
     """A person described in the question; with the JSON knob the reply is a JSON object of the
     asked fields, else a sentence. The object has no whitespace but, in half the examples, one space
@@ -346,6 +380,12 @@ KINDS: dict[str, tuple[Callable[[random.Random, Vocab], Example], int]] = {
     "documents": (document_example, 3),
     "json": (json_example, 2),
 }
+# Kinds a stage may name (`--kinds`) that the default corpus leaves out: it stays the one the
+# README's stages were trained on.
+CURRICULUM_KINDS: dict[str, tuple[Callable[[random.Random, Vocab], Example], int]] = {
+    "tool_call_twice": (tool_call_twice_example, 3),
+    "citation_who": (citation_who_example, 3),
+}
 
 
 def generate(split: str, count: int, seed: int, kinds: Sequence[str] | None = None) -> list[Example]:
@@ -353,12 +393,13 @@ def generate(split: str, count: int, seed: int, kinds: Sequence[str] | None = No
     same for the same arguments."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
-    unknown = set(kinds or ()) - set(KINDS)
+    known = {**KINDS, **CURRICULUM_KINDS}
+    unknown = set(kinds or ()) - set(known)
     if unknown:
-        raise ValueError(f"unknown kinds {sorted(unknown)}; kinds are {sorted(KINDS)}")
+        raise ValueError(f"unknown kinds {sorted(unknown)}; kinds are {sorted(known)}")
     rng = random.Random(f"dev-corpus:{seed}:{split}")
     vocab = Vocab(NAMES[split], CITIES[split])
-    chosen = [KINDS[kind] for kind in (kinds or KINDS)]
+    chosen = [known[kind] for kind in (kinds or KINDS)]
     makers = [maker for maker, _ in chosen]
     weights = [weight for _, weight in chosen]
     return [rng.choices(makers, weights)[0](rng, vocab) for _ in range(count)]

@@ -19,7 +19,7 @@ from jamba_server.settings import DEFAULT_TEMPLATE
 SEED = 1234
 TRAINED_SOURCE = Path(__file__).resolve().parents[2] / "dev-model" / "jamba-tiny-dev-trained"
 # of TRAINED_SOURCE/model.safetensors: a changed file fails `make model` (update it with the file)
-TRAINED_SHA256 = "7c80d94628269c776a68d01556aea2622f663b3c07e1a88564769606fa3364b9"
+TRAINED_SHA256 = "849fb96202e20e67b4c307b55796120a27e22917f833b489eb2727def405f888"
 VOCAB_SIZE = 1024
 
 # Ids 0-3 follow Jamba's tokenizer; the rest are Jamba 1.5's chat and tool tokens, each one token.
@@ -113,8 +113,16 @@ def build_tokenizer(chat_template: str):
     return tokenizer
 
 
-def build_model(vocab_size: int, eos_ids: list[int], num_hidden_layers: int = MODEL_CONFIG["num_hidden_layers"]):
-    """`MODEL_CONFIG`'s model with random weights; a trained one may be deeper (`train_dev_model.grow`)."""
+# What training may change of `MODEL_CONFIG` (`train_dev_model.grow`, `widen_kv_heads`): a build from
+# trained weights takes these from them.
+TRAINABLE_SHAPE = ("num_hidden_layers", "num_key_value_heads")
+
+
+def build_model(vocab_size: int, eos_ids: list[int], **shape: int):
+    """`MODEL_CONFIG`'s model with random weights; `shape` overrides `TRAINABLE_SHAPE` settings (a
+    trained model may be deeper, or have more key/value heads)."""
+    if not set(shape) <= set(TRAINABLE_SHAPE):
+        raise ValueError(f"only {TRAINABLE_SHAPE} may differ from MODEL_CONFIG, not {sorted(shape)}")
     import torch
     from transformers import GenerationConfig, JambaConfig, JambaForCausalLM
 
@@ -124,7 +132,7 @@ def build_model(vocab_size: int, eos_ids: list[int], num_hidden_layers: int = MO
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=eos_ids,
-        **{**MODEL_CONFIG, "num_hidden_layers": num_hidden_layers},
+        **{**MODEL_CONFIG, **shape},
     )
     model = JambaForCausalLM(config).to(torch.float32).eval()
     generation = GenerationConfig(bos_token_id=1, eos_token_id=eos_ids, pad_token_id=0)
@@ -150,7 +158,7 @@ def trained_weights(source: Path = TRAINED_SOURCE, expected: str = TRAINED_SHA25
 
 def build(out: Path, weights: Path | None = None) -> str:
     """Write the checkpoint to `out` (random weights, or the safetensors file `weights` in the same
-    architecture, as deep as they are); return a digest of its weights and tokenizer."""
+    architecture, in their `TRAINABLE_SHAPE`); return a digest of its weights and tokenizer."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -163,7 +171,8 @@ def build(out: Path, weights: Path | None = None) -> str:
         from transformers import JambaForCausalLM
 
         trained = JambaForCausalLM.from_pretrained(weights.parent, dtype=torch.float32)
-        model, generation = build_model(len(tokenizer), eos_ids, trained.config.num_hidden_layers)
+        shape = {name: getattr(trained.config, name) for name in TRAINABLE_SHAPE}
+        model, generation = build_model(len(tokenizer), eos_ids, **shape)
         model.load_state_dict(trained.state_dict(), strict=True)
         if (weights.parent / "train_log.json").exists():
             shutil.copyfile(weights.parent / "train_log.json", tmp / "train_log.json")

@@ -54,6 +54,9 @@ class TrainConfig:
     key_weight: float = 1.0  # the loss weight of a reply's deciding tokens (`key_token_mask`); 1: none
     grow_layers: int | None = None  # deepen the starting model to this many layers (`grow`)
     key_arguments: int = 0  # 1: a call's argument values are deciding tokens too (`ARGUMENT_VALUES`)
+    kv_heads: int | None = None  # give the attention layers this many key/value heads (`widen_kv_heads`)
+    cite_attention: float = 0.0  # weight of `cited_attention_loss` (0: none)
+    cite_head: int = 0  # the attention head `cited_attention_loss` teaches
 
 
 def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -131,6 +134,27 @@ def grow(model: Any, layers: int, seed: int) -> Any:
     return grown
 
 
+def widen_kv_heads(model: Any, kv_heads: int) -> Any:
+    """`model` with `kv_heads` key/value heads in place of its fewer, computing the same function: each
+    query head's new key/value head starts as a copy of the one it shared. Shared, one key serves both
+    what a head copies and what another looks up; apart, training can tell them apart."""
+    from transformers import JambaForCausalLM
+
+    config = copy.deepcopy(model.config)
+    old = config.num_key_value_heads
+    if kv_heads <= old or config.num_attention_heads % kv_heads:
+        raise ValueError(f"kv_heads must be more than {old} and divide {config.num_attention_heads} heads")
+    config.num_key_value_heads = kv_heads
+    wide = JambaForCausalLM(config).to(torch.float32)
+    state = model.state_dict()
+    for name, parameter in state.items():
+        if name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+            heads = parameter.view(old, -1, parameter.shape[1])  # kv head h serves query heads h*g..(h+1)*g-1
+            state[name] = heads.repeat_interleave(kv_heads // old, dim=0).reshape(-1, parameter.shape[1])
+    wide.load_state_dict(state, strict=True)
+    return wide
+
+
 @contextlib.contextmanager
 def trainable_scan() -> Iterator[None]:
     """transformers' Jamba runs `selective_scan` instead of its reference scan, inside the block."""
@@ -149,6 +173,7 @@ class Sequence:
     input_ids: list[int]
     labels: list[int]  # IGNORE on the prompt
     key: list[bool] | None = None  # per position: a deciding reply token (`key_token_mask`)
+    cite: tuple[int, int, int] | None = None  # `[` opening the citations; the cited document's tokens (`cited_span`)
 
 
 # The few reply characters that decide what the server parses out of a reply, among many the model
@@ -174,6 +199,26 @@ def key_token_mask(tokenizer: Any, text: str, token_ids: list[int], arguments: b
     return [any(start < end_span and begin < end for begin, end_span in spans) for start, end in encoding.offsets]
 
 
+def cited_span(tokenizer: Any, rendered: dev_corpus.RenderedExample) -> tuple[int, int, int] | None:
+    """For a reply citing one document: the position of the `[` after `<citations>` (whose output is
+    the document's number) and the token range [start, end) of that document's title and text in
+    the prompt. None for any other reply, or a prompt whose text does not tokenize to its ids."""
+    cited = rendered.example.reply.get("citations")
+    citations = tokenizer.convert_tokens_to_ids("<citations>")
+    if not cited or len(cited) != 1 or citations not in rendered.target_ids:
+        return None
+    query = len(rendered.prompt.token_ids) + rendered.target_ids.index(citations) + 1
+    text = rendered.prompt.text
+    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    header = f"## Document ID: {cited[0]}\n"
+    if encoding.ids != rendered.prompt.token_ids or header not in text:
+        return None
+    begin = text.index(header) + len(header)
+    end = min(i for i in (text.find("\n\n", begin), text.find("</documents>", begin)) if i >= 0)
+    inside = [i for i, (start, stop) in enumerate(encoding.offsets) if start >= begin and stop <= end]
+    return query, inside[0], inside[-1] + 1
+
+
 def encode(
     tokenizer: Any,
     chat_template: str,
@@ -189,7 +234,7 @@ def encode(
         rendered = dev_corpus.render_example(example, tokenizer, chat_template)
         prompt, target = rendered.prompt.token_ids, rendered.target_ids
         key = [False] * len(prompt) + key_token_mask(tokenizer, rendered.target_text, target, key_arguments)
-        sequences.append(Sequence(prompt + target, [IGNORE] * len(prompt) + target, key))
+        sequences.append(Sequence(prompt + target, [IGNORE] * len(prompt) + target, key, cited_span(tokenizer, rendered)))
     return sequences
 
 
@@ -201,13 +246,21 @@ def collate(sequences: list[Sequence], pad_id: int) -> dict[str, torch.Tensor]:
     labels = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     key = torch.zeros((len(sequences), width), dtype=torch.bool)
+    cite_query = torch.full((len(sequences),), -1, dtype=torch.long)
+    cite_span = torch.zeros((len(sequences), width), dtype=torch.bool)
     for row, s in enumerate(sequences):
         input_ids[row, : len(s.input_ids)] = torch.tensor(s.input_ids)
         labels[row, : len(s.labels)] = torch.tensor(s.labels)
         attention_mask[row, : len(s.input_ids)] = 1
         if s.key:
             key[row, : len(s.key)] = torch.tensor(s.key)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "key": key}
+        if s.cite:
+            cite_query[row] = s.cite[0]
+            cite_span[row, s.cite[1] : s.cite[2]] = True
+    return {
+        "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "key": key,
+        "cite_query": cite_query, "cite_span": cite_span,
+    }  # fmt: skip
 
 
 def batches(sequences: list[Sequence], batch_size: int, rng: random.Random) -> list[list[Sequence]]:
@@ -223,18 +276,38 @@ def batches(sequences: list[Sequence], batch_size: int, rng: random.Random) -> l
     return out
 
 
-def reply_loss(model: Any, batch: dict[str, torch.Tensor], key_weight: float = 1.0) -> tuple[torch.Tensor, float]:
+def reply_loss(
+    model: Any, batch: dict[str, torch.Tensor], key_weight: float = 1.0, cite_attention: float = 0.0, cite_head: int = 0
+) -> tuple[torch.Tensor, float]:
     """Summed next-token cross-entropy over the reply tokens, and how many there are; with a
-    `key_weight`, each deciding token (`batch["key"]`) counts that many times in both."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    `key_weight`, each deciding token (`batch["key"]`) counts that many times in both; with
+    `cite_attention`, plus that times `cited_attention_loss`."""
+    supervise = cite_attention > 0 and bool((batch["cite_query"] >= 0).any())
+    output = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, output_attentions=supervise
+    )
+    logits = output.logits
+    extra = cite_attention * cited_attention_loss(output.attentions, batch, cite_head) if supervise else 0.0
     losses = F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.size(-1)), batch["input_ids"][:, 1:].reshape(-1), reduction="none"
     ).view(logits.size(0), -1)
     reply = batch["labels"][:, 1:] != IGNORE
     if key_weight == 1.0:
-        return losses[reply].sum(), int(reply.sum())
+        return losses[reply].sum() + extra, int(reply.sum())
     weights = torch.where(batch["key"][:, 1:], key_weight, 1.0)[reply]
-    return (losses[reply] * weights).sum(), float(weights.sum())
+    return (losses[reply] * weights).sum() + extra, float(weights.sum())
+
+
+def cited_attention_loss(attentions: tuple[Any, ...], batch: dict[str, torch.Tensor], head: int) -> torch.Tensor:
+    """-log of the attention `head` of the first attention layer pays, at each `[` opening a
+    citation, to the cited document's title and text, summed over the batch. Taught only by the
+    cited number, the model looked at the `## Document ID: N` digits (a digit's key cannot know
+    the name after it, so citations stayed at chance); this says where the number can be found."""
+    weights = next(a for a in attentions if a is not None)  # (batch, heads, query, key)
+    rows = (batch["cite_query"] >= 0).nonzero().squeeze(1)
+    at_query = weights[rows, head, batch["cite_query"][rows]]
+    mass = (at_query * batch["cite_span"][rows]).sum(-1)
+    return -torch.log(mass + 1e-6).sum()
 
 
 @torch.no_grad()
@@ -282,7 +355,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 
 def _starting_model(config: TrainConfig, vocab_size: int, eos_ids: list[int]) -> tuple[Any, Any]:
-    """The model a run trains (fresh, or `init_from`'s, then grown if asked) and its generation config."""
+    """The model a run trains (fresh, or `init_from`'s, then grown and widened if asked) and its
+    generation config."""
     model, generation = dev_model.build_model(vocab_size, eos_ids)
     if config.init_from:  # its architecture, which may be deeper than dev_model's (`grow`)
         from transformers import JambaForCausalLM
@@ -292,6 +366,10 @@ def _starting_model(config: TrainConfig, vocab_size: int, eos_ids: list[int]) ->
         init_time_steps(model, config.seed)
     if config.grow_layers:
         model = grow(model, config.grow_layers, config.seed)
+    if config.kv_heads:
+        model = widen_kv_heads(model, config.kv_heads)
+    if config.cite_attention:
+        model.set_attn_implementation("eager")  # the one that returns attention weights
     return model, generation
 
 
@@ -328,7 +406,7 @@ def _train(config: TrainConfig) -> dict[str, Any]:
         tick = time.monotonic()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
-        loss, tokens = reply_loss(model, collate(queue.pop(), pad_id), config.key_weight)
+        loss, tokens = reply_loss(model, collate(queue.pop(), pad_id), config.key_weight, config.cite_attention, config.cite_head)
         optimizer.zero_grad()
         (loss / tokens).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -355,6 +433,7 @@ def _train(config: TrainConfig) -> dict[str, Any]:
 OPTION_TYPES = {
     "learning_rate": float, "weight_decay": float, "max_minutes": float, "init_from": str,
     "kinds": str, "stop_at": int, "key_weight": float, "grow_layers": int,
+    "kv_heads": int, "cite_attention": float,
 }  # fmt: skip
 
 

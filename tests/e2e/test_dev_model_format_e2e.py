@@ -27,15 +27,15 @@ SEED = 0
 OTHER_MODEL = os.environ.get("JAMBA_EVAL_MODEL")
 # (category, measure): `rate` is the category's criterion (see eval_dev_model), `stream` the fraction of
 # streamed replies with the same tool calls and citations as the non-streamed ones. A little below
-# what the committed model measures on these cases (README, "The trained dev model"): tool_call 0.8,
-# tool_none 1.0, tool_answer 1.0, citation 0.2, citation_none 0.9, json and json_grammar 1.0, every
-# stream alike. Issue 18 asks for more (tool calls 90%, citations 80%); the model does not reach that yet.
+# what the committed model measures on these cases (README, "The trained dev model"): tool_call 0.9,
+# tool_none 1.0, tool_answer 1.0, citation 0.2, citation_none 1.0, json and json_grammar 1.0, every
+# stream alike. Issue 18 asks for citations 80%; the model does not reach that yet.
 THRESHOLDS = {
-    ("tool_call", "rate"): 0.7,
+    ("tool_call", "rate"): 0.8,
     ("tool_none", "rate"): 0.9,
     ("tool_answer", "rate"): 0.9,
     ("citation", "rate"): 0.1,
-    ("citation_none", "rate"): 0.8,
+    ("citation_none", "rate"): 0.9,
     ("json", "rate"): 0.9,
     ("json_grammar", "rate"): 0.9,
     ("tool_call", "stream"): 1.0,

@@ -3,7 +3,10 @@ and every target read by the server's own parser as the example intends."""
 
 import collections
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 from transformers import AutoTokenizer
@@ -47,6 +50,18 @@ def test_the_same_seed_gives_the_same_corpus_and_another_seed_another():
     assert dev_corpus.generate("train", 50, seed=3) != dev_corpus.generate("heldout", 50, seed=3)
 
 
+def _corpus_in_a_process(hash_seed: str) -> str:
+    code = "import json; from jamba_server import dev_corpus; print(json.dumps([e.__dict__ for e in dev_corpus.generate('heldout', 200, seed=3)]))"
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+
+
+def test_the_corpus_does_not_depend_on_the_process():
+    """Set order varies with PYTHONHASHSEED: a corpus that iterated a set would differ between the eval
+    process and the next, and the eval's cases with it."""
+    assert _corpus_in_a_process("1") == _corpus_in_a_process("2")
+
+
 def test_the_splits_share_no_name_or_city():
     for lists in (dev_corpus.NAMES, dev_corpus.CITIES):
         assert not set(lists["train"]) & set(lists["heldout"])
@@ -72,25 +87,41 @@ def test_every_prompt_renders_through_render_chat_and_every_target_ends_the_turn
     assert kinds == {"copy", "chat", "tool_call", "tool_none", "tool_answer", "citation", "documents", "json", "json_off"}
 
 
+def _intended_calls_from_the_question(r) -> list[tuple[str, dict]]:
+    """`r`'s target parsed by the server's parser: the intended calls, of offered tools, with
+    arguments from the question."""
+    parsed = parse_output(r.target_text, _plan(r.example).parser)
+    intended = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in r.example.reply["tool_calls"]]
+    assert [(c.name, json.loads(c.arguments)) for c in parsed.tool_calls] == intended
+    assert parsed.content.strip() == ""
+    question = r.example.request["messages"][-1]["content"]
+    for name, arguments in intended:
+        assert name in {t["function"]["name"] for t in r.example.request["tools"]}
+        assert all(f" {value}" in question for value in arguments.values())
+    return intended
+
+
 def test_tool_call_targets_parse_into_the_intended_calls_with_arguments_from_the_question(rendered):
-    counts = set()
-    for r in _of_kind(rendered, "tool_call"):
-        parsed = parse_output(r.target_text, _plan(r.example).parser)
-        intended = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in r.example.reply["tool_calls"]]
-        assert [(c.name, json.loads(c.arguments)) for c in parsed.tool_calls] == intended
-        assert parsed.content.strip() == ""
-        question = r.example.request["messages"][-1]["content"]
-        for name, arguments in intended:
-            assert name in {t["function"]["name"] for t in r.example.request["tools"]}
-            assert all(f" {value}" in question for value in arguments.values())
-        counts.add(len(intended))
+    counts = {len(_intended_calls_from_the_question(r)) for r in _of_kind(rendered, "tool_call")}
     assert counts == {1, 2}
+
+
+def test_the_twice_curriculum_asks_one_function_twice_with_other_arguments(tokenizer):
+    examples = dev_corpus.generate("heldout", 60, seed=7, kinds=["tool_call_twice"])
+    functions = set()
+    for example in examples:
+        (first, first_arguments), (second, second_arguments) = _intended_calls_from_the_question(
+            dev_corpus.render_example(example, tokenizer, TEMPLATE)
+        )
+        assert first == second and first_arguments != second_arguments
+        functions.add(first)
+    assert functions == set(dev_corpus.TOOLS)
 
 
 def test_no_question_asks_for_the_same_call_twice():
     """Held-out questions draw from 8 cities: unchecked, 1 in 40 two-call questions asked for one
     call twice ("the population of Turin and the population of Turin")."""
-    for example in dev_corpus.generate("heldout", 3000, seed=1, kinds=["tool_call", "tool_answer"]):
+    for example in dev_corpus.generate("heldout", 3000, seed=1, kinds=["tool_call", "tool_answer", "tool_call_twice"]):
         turns = [example.reply, *example.request["messages"]]
         calls = [c["function"] for turn in turns for c in turn.get("tool_calls", ())]
         assert len({json.dumps(call) for call in calls}) == len(calls)
@@ -129,6 +160,17 @@ def test_citation_targets_parse_into_the_document_the_answer_comes_from(rendered
             cited_nothing += 1
             assert answer == "The documents do not say."
     assert cited_nothing > 0
+
+
+def test_the_who_curriculum_answers_with_the_one_document_of_the_asked_city(tokenizer):
+    for example in dev_corpus.generate("heldout", 60, seed=7, kinds=["citation_who"]):
+        r = dev_corpus.render_example(example, tokenizer, TEMPLATE)
+        parsed = parse_output(r.target_text, _plan(example).parser)
+        documents = example.request["documents"]
+        city = example.request["messages"][-1]["content"].removeprefix("Who lives in ").removesuffix("?")
+        (cited,) = [i for i, d in enumerate(documents) if d["text"].endswith(f" {city}.")]
+        assert parsed.citations == [Citation(cited, documents[cited]["title"])]
+        assert parsed.content.strip() == documents[cited]["title"] + "."
 
 
 def test_json_targets_are_json_objects_of_fields_from_the_question(rendered):

@@ -26,10 +26,12 @@ def test_changed_weights_are_refused(tmp_path):
         trained_weights(tmp_path)
 
 
-@pytest.mark.parametrize("layers", [4, 8], ids=["as-built", "grown"])
-def test_a_build_from_weights_carries_them_and_the_train_log(tmp_path, layers):
+@pytest.mark.parametrize(
+    "shape", [{}, {"num_hidden_layers": 8}, {"num_key_value_heads": 2}], ids=["as-built", "grown", "widened"]
+)
+def test_a_build_from_weights_carries_them_and_the_train_log(tmp_path, shape):
     source = tmp_path / "source"
-    model, _ = build_model(688, [2, 5], layers)
+    model, _ = build_model(688, [2, 5], **shape)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.5)
@@ -42,3 +44,8 @@ def test_a_build_from_weights_carries_them_and_the_train_log(tmp_path, layers):
     assert (tmp_path / "out" / "train_log.json").read_text() == '{"steps": 7}\n'
     assert built.keys() == model.state_dict().keys()
     assert (tmp_path / "out" / "DIGEST").exists() and (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_only_the_trainable_shape_may_differ():
+    with pytest.raises(ValueError, match="hidden_size"):
+        build_model(688, [2, 5], hidden_size=64)

@@ -9,11 +9,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.jamba import modeling_jamba
 
+from jamba_server import dev_corpus
 from jamba_server.dev_model import build_model
+from jamba_server.settings import DEFAULT_TEMPLATE
 from jamba_server.train_dev_model import (
     IGNORE,
     Sequence,
     TrainConfig,
+    cited_span,
     collate,
     grow,
     init_time_steps,
@@ -22,6 +25,7 @@ from jamba_server.train_dev_model import (
     selective_scan,
     train,
     trainable_scan,
+    widen_kv_heads,
 )
 
 
@@ -134,6 +138,42 @@ def test_key_weight_counts_each_key_reply_token_that_many_times():
     torch.testing.assert_close(weighted, per_token[5:].sum() + 3 * per_token[8])
 
 
+def test_a_citing_reply_knows_its_opening_bracket_and_the_cited_documents_tokens(dev_model):
+    tokenizer = AutoTokenizer.from_pretrained(dev_model)
+    template = DEFAULT_TEMPLATE.read_text(encoding="utf-8")
+    found = 0
+    for example in dev_corpus.generate("heldout", 40, seed=2, kinds=["documents", "citation_who"]):
+        rendered = dev_corpus.render_example(example, tokenizer, template)
+        span = cited_span(tokenizer, rendered)
+        if not example.reply.get("citations"):
+            assert span is None
+            continue
+        query, start, end = span
+        ids = rendered.prompt.token_ids + rendered.target_ids
+        assert tokenizer.decode(ids[query - 1 : query + 2]) == f"<citations>[{example.reply['citations'][0]}"
+        document = example.request["documents"][example.reply["citations"][0]]
+        assert tokenizer.decode(ids[start:end]).strip() == f"Title: {document['title']}\nText: {document['text']}"
+        found += 1
+    assert found >= 10
+
+
+def test_cited_attention_loss_is_minus_log_the_heads_attention_on_the_document_and_teaches_it():
+    model, _ = build_model(64, [2, 5])
+    model.set_attn_implementation("eager")
+    ids = torch.randint(14, 64, (30,), generator=torch.Generator().manual_seed(2)).tolist()
+    sequence = Sequence(ids, [IGNORE] * 20 + ids[20:], cite=(25, 5, 12))
+    batch = collate([sequence, Sequence(ids[:10], [IGNORE] * 5 + ids[5:10])], pad_id=0)
+    with trainable_scan():
+        plain, _ = reply_loss(model, batch)
+        taught, _ = reply_loss(model, batch, cite_attention=2.0, cite_head=1)
+        weights = next(a for a in model(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_attentions=True).attentions if a is not None)
+        (taught - plain).backward()
+    mass = weights[0, 1, 25, 5:12].sum()
+    torch.testing.assert_close(taught - plain, -2.0 * torch.log(mass + 1e-6))
+    queries = model.model.layers[2].self_attn.q_proj.weight.grad.view(2, -1, model.config.hidden_size)
+    assert queries[1].abs().sum() > 0 and queries[0].abs().sum() == 0  # it teaches that head alone
+
+
 def test_a_short_run_writes_a_model_directory_transformers_loads_and_generates_with(tmp_path, dev_model):
     out = tmp_path / "model"
     config = TrainConfig(
@@ -193,3 +233,21 @@ def test_growing_adds_layers_of_the_same_pattern_and_keeps_the_function():
     assert grown.model.layers[-1].mamba.out_proj.weight.grad.abs().sum() > 0  # the new layers learn
     with pytest.raises(ValueError, match="more"):
         grow(model, layers, seed=1)
+
+
+def test_widening_gives_each_query_head_its_own_key_value_head_and_keeps_the_function():
+    model, _ = build_model(688, [2, 5])
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    wide = widen_kv_heads(model, 2)
+    assert model.config.num_key_value_heads == 1 and wide.config.num_key_value_heads == 2
+    ids = torch.randint(20, 600, (2, 40), generator=torch.Generator().manual_seed(0))
+    with trainable_scan(), torch.no_grad():
+        torch.testing.assert_close(wide(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    wide(input_ids=ids).logits.square().mean().backward()
+    key = wide.model.layers[2].self_attn.k_proj.weight
+    first, second = key.grad.view(2, -1, key.shape[1])  # each head's key learns its own way
+    assert not torch.allclose(first, second)
+    with pytest.raises(ValueError, match="more than 2"):
+        widen_kv_heads(wide, 2)
