@@ -190,13 +190,19 @@ def key_token_mask(tokenizer: Any, text: str, token_ids: list[int], arguments: b
     """Which of `text`'s tokens (`token_ids`) overlap a `KEY_SPANS` group (or, with `arguments`, an
     `ARGUMENT_VALUES` one): all False when the text alone does not tokenize to those ids (no offsets
     to map the spans with)."""
-    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
-    if encoding.ids != token_ids:
+    offsets = _offsets(tokenizer, text, token_ids)
+    if offsets is None:
         return [False] * len(token_ids)
     spans = [match.span(group) for match in KEY_SPANS.finditer(text) for group in (1, 2, 3) if match.group(group)]
     if arguments:
         spans += [match.span(1) for match in ARGUMENT_VALUES.finditer(text) if match.group(1)]
-    return [any(start < end_span and begin < end for begin, end_span in spans) for start, end in encoding.offsets]
+    return [any(start < end_span and begin < end for begin, end_span in spans) for start, end in offsets]
+
+
+def _offsets(tokenizer: Any, text: str, token_ids: list[int]) -> list[tuple[int, int]] | None:
+    """Each token's character span in `text`, or None when `text` alone does not tokenize to `token_ids`."""
+    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    return encoding.offsets if encoding.ids == token_ids else None
 
 
 def cited_span(tokenizer: Any, rendered: dev_corpus.RenderedExample) -> tuple[int, int, int] | None:
@@ -209,13 +215,13 @@ def cited_span(tokenizer: Any, rendered: dev_corpus.RenderedExample) -> tuple[in
         return None
     query = len(rendered.prompt.token_ids) + rendered.target_ids.index(citations) + 1
     text = rendered.prompt.text
-    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    offsets = _offsets(tokenizer, text, rendered.prompt.token_ids)
     header = f"## Document ID: {cited[0]}\n"
-    if encoding.ids != rendered.prompt.token_ids or header not in text:
+    if offsets is None or header not in text:
         return None
     begin = text.index(header) + len(header)
     end = min(i for i in (text.find("\n\n", begin), text.find("</documents>", begin)) if i >= 0)
-    inside = [i for i, (start, stop) in enumerate(encoding.offsets) if start >= begin and stop <= end]
+    inside = [i for i, (start, stop) in enumerate(offsets) if start >= begin and stop <= end]
     return query, inside[0], inside[-1] + 1
 
 
@@ -227,14 +233,17 @@ def encode(
     seed: int,
     kinds: list[str] | None = None,
     key_arguments: bool = False,
+    cite_spans: bool = False,
 ) -> list[Sequence]:
-    """The split's examples (of `kinds`, if given) as prompt + reply token ids, the loss masked to the reply."""
+    """The split's examples (of `kinds`, if given) as prompt + reply token ids, the loss masked to the
+    reply; with `cite_spans`, each citing one's `cited_span` (a second tokenization of its prompt)."""
     sequences = []
     for example in dev_corpus.generate(split, count, seed, kinds):
         rendered = dev_corpus.render_example(example, tokenizer, chat_template)
         prompt, target = rendered.prompt.token_ids, rendered.target_ids
         key = [False] * len(prompt) + key_token_mask(tokenizer, rendered.target_text, target, key_arguments)
-        sequences.append(Sequence(prompt + target, [IGNORE] * len(prompt) + target, key, cited_span(tokenizer, rendered)))
+        cite = cited_span(tokenizer, rendered) if cite_spans else None
+        sequences.append(Sequence(prompt + target, [IGNORE] * len(prompt) + target, key, cite))
     return sequences
 
 
@@ -386,7 +395,9 @@ def _train(config: TrainConfig) -> dict[str, Any]:
     started = time.monotonic()
     kinds = config.kinds.split(",") if config.kinds else None
     key_arguments = bool(config.key_arguments)
-    train_set = encode(tokenizer, chat_template, "train", config.train_examples, config.seed, kinds, key_arguments)
+    train_set = encode(
+        tokenizer, chat_template, "train", config.train_examples, config.seed, kinds, key_arguments, config.cite_attention > 0
+    )
     heldout = encode(tokenizer, chat_template, "heldout", config.heldout_examples, config.seed, kinds)
     # A fixed slice of training examples gives a train loss comparable over time.
     probes = {"train": train_set[: config.heldout_examples], "heldout": heldout}
