@@ -72,6 +72,11 @@ def answer_tag(tag: str, schema: dict) -> dict:
 CONTROL_IDS = set(range(14))  # the dev tokenizer's added tokens: <|pad|> ... </citations>
 LONG_CONTEXT_ARGS = ("--max-model-len", "262144")
 LONG_MAX_TOKENS = 250_000
+# While the engine generates flat out, this 2-vCPU machine now and then holds a loopback HTTP
+# exchange for 10-45 s (measured on a stream of LONG_MAX_TOKENS: the server's access log times the
+# same requests in milliseconds and a process that only sleeps sees no stall). A wait for state that
+# must come while the engine is busy allows for that.
+BUSY_ENGINE_WAIT_S = 120
 
 
 def wait_for(predicate: Callable[[], Any], within: float, what: str | Callable[[], str]) -> float:

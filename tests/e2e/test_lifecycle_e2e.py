@@ -22,7 +22,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.support import LONG_CONTEXT_ARGS, LONG_MAX_TOKENS, MODEL_NAME, start_server, wait_for
+from tests.support import BUSY_ENGINE_WAIT_S, LONG_CONTEXT_ARGS, LONG_MAX_TOKENS, MODEL_NAME, start_server, wait_for
 
 MESSAGES = [{"role": "user", "content": "Go on."}]
 LONG = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": LONG_MAX_TOKENS, "ignore_eos": True}
@@ -65,7 +65,7 @@ def test_streaming_disconnect_aborts_within_a_second(server):
             events = (line for line in resp.iter_lines() if line)
             seen = [next(events) for _ in range(3)]
             assert all('"content"' in e for e in seen), seen
-            wait_for(lambda: server.requests_running(1), 30, server.request_gauges)
+            wait_for(lambda: server.requests_running(1), BUSY_ENGINE_WAIT_S, server.request_gauges)
         # leaving the block closes the connection with the body unread
     elapsed = server.wait_idle(within=1.0)
     assert aborted(server, "client_disconnect") == before + 1
@@ -88,7 +88,7 @@ def open_request(server, body: dict) -> socket.socket:
 def test_non_streaming_disconnect_aborts_within_a_second(server):
     before = aborted(server, "client_disconnect")
     with open_request(server, LONG):
-        wait_for(lambda: server.requests_running(1), 30, server.request_gauges)
+        wait_for(lambda: server.requests_running(1), BUSY_ENGINE_WAIT_S, server.request_gauges)
     elapsed = server.wait_idle(within=1.0)
     assert aborted(server, "client_disconnect") == before + 1
     print(f"non-stream abort latency {elapsed:.3f}s")
@@ -182,7 +182,7 @@ def test_sigterm_drains_in_flight_streams(server, tmp_path):
     curls = []
     try:
         curls.append(long_curl := curl_stream(server, LONG_STREAM, long_out, "drain-long"))
-        wait_for(lambda: content_events(long_out) >= 2, 60, "the long stream's first chunks")
+        wait_for(lambda: content_events(long_out) >= 2, BUSY_ENGINE_WAIT_S, "the long stream's first chunks")
         with server.engine_paused():
             curls += [curl_stream(server, SHORT_STREAM, out, f"drain-{i}") for i, out in enumerate(outputs)]
             wait_for(lambda: running(server) == 4, 30, lambda: f"4 requests admitted\n{server.request_gauges()}")
@@ -194,7 +194,7 @@ def test_sigterm_drains_in_flight_streams(server, tmp_path):
         statuses = [c.communicate(timeout=120)[0] for c in curls[1:]]
         # The long stream is still generating, and the server still draining (not shutting down).
         streamed = content_events(long_out)
-        wait_for(lambda: content_events(long_out) >= streamed + 5, 60, "the long stream going on while draining")
+        wait_for(lambda: content_events(long_out) >= streamed + 5, BUSY_ENGINE_WAIT_S, "the long stream going on while draining")
         assert long_curl.poll() is None
         assert httpx.get(server.base_url + "/health").status_code == 200
         assert httpx.get(server.base_url + "/ready").status_code == 503
@@ -261,9 +261,9 @@ def test_engine_death_fails_fast_and_exits_non_zero(dev_model):
             threading.Thread(target=call),
         ]
         threads[0].start()
-        assert streaming.wait(60), "stream did not start"
+        assert streaming.wait(BUSY_ENGINE_WAIT_S), "stream did not start"
         threads[1].start()
-        wait_for(lambda: server.requests_running(2), 30, server.request_gauges)
+        wait_for(lambda: server.requests_running(2), BUSY_ENGINE_WAIT_S, server.request_gauges)
         engine_core(server).kill()
         killed = time.monotonic()
         # Probed before the requests end: the process exits about 2 s after the engine's death.
