@@ -57,6 +57,9 @@ class TrainConfig:
     kv_heads: int | None = None  # give the attention layers this many key/value heads (`widen_kv_heads`)
     cite_attention: float = 0.0  # weight of `cited_attention_loss` (0: none)
     cite_head: int = 0  # the attention head `cited_attention_loss` teaches
+    cite_value: float = 0.0  # weight of `CitedValueProbe`'s loss (0: none)
+    cite_value_window: int = 4  # the reply positions before the `[` that `CitedValueProbe` reads
+    document_number: float = 0.0  # weight of `DocumentNumberProbe`'s loss (0: none)
 
 
 def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -173,7 +176,8 @@ class Sequence:
     input_ids: list[int]
     labels: list[int]  # IGNORE on the prompt
     key: list[bool] | None = None  # per position: a deciding reply token (`key_token_mask`)
-    cite: tuple[int, int, int] | None = None  # `[` opening the citations; the cited document's tokens (`cited_span`)
+    cite: tuple[int, int, int, int] | None = None  # `[` opening the citations; the cited document's tokens and number (`cited_span`)
+    documents: tuple[tuple[int, int], ...] | None = None  # each document's tokens (`document_spans`)
 
 
 # The few reply characters that decide what the server parses out of a reply, among many the model
@@ -205,24 +209,35 @@ def _offsets(tokenizer: Any, text: str, token_ids: list[int]) -> list[tuple[int,
     return encoding.offsets if encoding.ids == token_ids else None
 
 
-def cited_span(tokenizer: Any, rendered: dev_corpus.RenderedExample) -> tuple[int, int, int] | None:
+def document_spans(tokenizer: Any, text: str, token_ids: list[int]) -> list[tuple[int, int]] | None:
+    """The token range [start, end) of each document's title and text in a rendered prompt (empty
+    without documents); None when `text` alone does not tokenize to `token_ids`."""
+    offsets = _offsets(tokenizer, text, token_ids)
+    if offsets is None:
+        return None
+    spans = []
+    while (header := f"## Document ID: {len(spans)}\n") in text:
+        begin = text.index(header) + len(header)
+        end = min(i for i in (text.find("\n\n", begin), text.find("</documents>", begin)) if i >= 0)
+        inside = [i for i, (start, stop) in enumerate(offsets) if start >= begin and stop <= end]
+        spans.append((inside[0], inside[-1] + 1))
+    return spans
+
+
+def cited_span(tokenizer: Any, rendered: dev_corpus.RenderedExample) -> tuple[int, int, int, int] | None:
     """For a reply citing one document: the position of the `[` after `<citations>` (whose output is
-    the document's number) and the token range [start, end) of that document's title and text in
-    the prompt. None for any other reply, or a prompt whose text does not tokenize to its ids."""
+    the document's number), the token range [start, end) of that document's title and text in the
+    prompt, and the document's number. None for any other reply, or a prompt whose text does not
+    tokenize to its ids."""
     cited = rendered.example.reply.get("citations")
     citations = tokenizer.convert_tokens_to_ids("<citations>")
     if not cited or len(cited) != 1 or citations not in rendered.target_ids:
         return None
     query = len(rendered.prompt.token_ids) + rendered.target_ids.index(citations) + 1
-    text = rendered.prompt.text
-    offsets = _offsets(tokenizer, text, rendered.prompt.token_ids)
-    header = f"## Document ID: {cited[0]}\n"
-    if offsets is None or header not in text:
+    spans = document_spans(tokenizer, rendered.prompt.text, rendered.prompt.token_ids)
+    if not spans or cited[0] >= len(spans):
         return None
-    begin = text.index(header) + len(header)
-    end = min(i for i in (text.find("\n\n", begin), text.find("</documents>", begin)) if i >= 0)
-    inside = [i for i, (start, stop) in enumerate(offsets) if start >= begin and stop <= end]
-    return query, inside[0], inside[-1] + 1
+    return query, *spans[cited[0]], cited[0]
 
 
 def encode(
@@ -234,16 +249,21 @@ def encode(
     kinds: list[str] | None = None,
     key_arguments: bool = False,
     cite_spans: bool = False,
+    documents: bool = False,
 ) -> list[Sequence]:
     """The split's examples (of `kinds`, if given) as prompt + reply token ids, the loss masked to the
-    reply; with `cite_spans`, each citing one's `cited_span` (a second tokenization of its prompt)."""
+    reply; with `cite_spans`, each citing one's `cited_span`, with `documents` each one's
+    `document_spans` (each a second tokenization of its prompt)."""
     sequences = []
     for example in dev_corpus.generate(split, count, seed, kinds):
         rendered = dev_corpus.render_example(example, tokenizer, chat_template)
         prompt, target = rendered.prompt.token_ids, rendered.target_ids
         key = [False] * len(prompt) + key_token_mask(tokenizer, rendered.target_text, target, key_arguments)
         cite = cited_span(tokenizer, rendered) if cite_spans else None
-        sequences.append(Sequence(prompt + target, [IGNORE] * len(prompt) + target, key, cite))
+        spans = None
+        if documents and example.request.get("documents"):
+            spans = tuple(document_spans(tokenizer, rendered.prompt.text, prompt) or ())
+        sequences.append(Sequence(prompt + target, [IGNORE] * len(prompt) + target, key, cite, spans))
     return sequences
 
 
@@ -257,6 +277,8 @@ def collate(sequences: list[Sequence], pad_id: int) -> dict[str, torch.Tensor]:
     key = torch.zeros((len(sequences), width), dtype=torch.bool)
     cite_query = torch.full((len(sequences),), -1, dtype=torch.long)
     cite_span = torch.zeros((len(sequences), width), dtype=torch.bool)
+    cite_index = torch.full((len(sequences),), -1, dtype=torch.long)
+    document_number = torch.full((len(sequences), width), -1, dtype=torch.long)
     for row, s in enumerate(sequences):
         input_ids[row, : len(s.input_ids)] = torch.tensor(s.input_ids)
         labels[row, : len(s.labels)] = torch.tensor(s.labels)
@@ -266,9 +288,13 @@ def collate(sequences: list[Sequence], pad_id: int) -> dict[str, torch.Tensor]:
         if s.cite:
             cite_query[row] = s.cite[0]
             cite_span[row, s.cite[1] : s.cite[2]] = True
+            cite_index[row] = s.cite[3]
+        for number, (start, end) in enumerate(s.documents or ()):
+            document_number[row, start:end] = number
     return {
         "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "key": key,
-        "cite_query": cite_query, "cite_span": cite_span,
+        "cite_query": cite_query, "cite_span": cite_span, "cite_index": cite_index,
+        "document_number": document_number,
     }  # fmt: skip
 
 
@@ -286,17 +312,33 @@ def batches(sequences: list[Sequence], batch_size: int, rng: random.Random) -> l
 
 
 def reply_loss(
-    model: Any, batch: dict[str, torch.Tensor], key_weight: float = 1.0, cite_attention: float = 0.0, cite_head: int = 0
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    key_weight: float = 1.0,
+    cite_attention: float = 0.0,
+    cite_head: int = 0,
+    value_probe: "CitedValueProbe | None" = None,
+    number_probe: "DocumentNumberProbe | None" = None,
 ) -> tuple[torch.Tensor, float]:
     """Summed next-token cross-entropy over the reply tokens, and how many there are; with a
     `key_weight`, each deciding token (`batch["key"]`) counts that many times in both; with
-    `cite_attention`, plus that times `cited_attention_loss`."""
-    supervise = cite_attention > 0 and bool((batch["cite_query"] >= 0).any())
-    output = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, output_attentions=supervise
-    )
+    `cite_attention`, plus that times `cited_attention_loss`; with a `value_probe` or a
+    `number_probe`, plus its loss."""
+    citing = bool((batch["cite_query"] >= 0).any())
+    supervise = cite_attention > 0 and citing
+    numbered = number_probe is not None and bool((batch["document_number"] >= 0).any())
+    captured: dict[str, torch.Tensor] = {}
+    with _attention_output(model, captured) if value_probe is not None and citing else contextlib.nullcontext():
+        output = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+            output_attentions=supervise, output_hidden_states=numbered,
+        )  # fmt: skip
     logits = output.logits
     extra = cite_attention * cited_attention_loss(output.attentions, batch, cite_head) if supervise else 0.0
+    if captured:
+        extra = extra + value_probe.loss(captured["heads"], batch)
+    if numbered:
+        extra = extra + number_probe.loss(output.hidden_states[_first_attention_index(model)], batch)
     losses = F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.size(-1)), batch["input_ids"][:, 1:].reshape(-1), reduction="none"
     ).view(logits.size(0), -1)
@@ -305,6 +347,71 @@ def reply_loss(
         return losses[reply].sum() + extra, int(reply.sum())
     weights = torch.where(batch["key"][:, 1:], key_weight, 1.0)[reply]
     return (losses[reply] * weights).sum() + extra, float(weights.sum())
+
+
+def _first_attention_index(model: Any) -> int:
+    return next(i for i, layer in enumerate(model.model.layers) if hasattr(layer, "self_attn"))
+
+
+def first_attention(model: Any) -> Any:
+    return model.model.layers[_first_attention_index(model)].self_attn
+
+
+@contextlib.contextmanager
+def _attention_output(model: Any, captured: dict[str, torch.Tensor]) -> Iterator[None]:
+    """While inside, `captured["heads"]` is set to what the first attention layer's heads return
+    (the input of its `o_proj`: batch, position, heads x head size)."""
+    hook = first_attention(model).o_proj.register_forward_pre_hook(lambda _, args: captured.__setitem__("heads", args[0]))
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+class CitedValueProbe(torch.nn.Module):
+    """A linear read of the cited document's number from the attention heads' output at the
+    `window` reply positions before the `[` opening a citation, and its cross-entropy times
+    `weight`, summed over the batch (averaged over the window). Not part of the saved model.
+    Measured on stage 10: writing the answer's last words, head 0 puts 0.83 of its attention on
+    the cited document (its copied words are 97% right), but a probe reads the document's number
+    from that head output no better than chance (0.48 against 0.35), and at the `[` itself the head
+    looks at the `## Document ID: N` digits. Taught to carry the number there, the heads' output a
+    few tokens before the `[` is what the Mamba layer after them can bring to it."""
+
+    def __init__(self, width: int, weight: float, window: int, documents: int = 4):
+        super().__init__()
+        self.read = torch.nn.Linear(width, documents)
+        self.weight, self.window = weight, window
+
+    def loss(self, heads: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        rows = (batch["cite_query"] >= 0).nonzero().squeeze(1)
+        back = torch.arange(1, self.window + 1)
+        positions = batch["cite_query"][rows, None] - back  # (rows, window)
+        read = self.read(heads[rows[:, None], positions])  # (rows, window, documents)
+        target = batch["cite_index"][rows, None].expand(-1, self.window)
+        losses = F.cross_entropy(read.reshape(-1, read.size(-1)), target.reshape(-1), reduction="none")
+        return self.weight * losses.view(-1, self.window).mean(-1).sum()
+
+
+class DocumentNumberProbe(torch.nn.Module):
+    """A linear read of each document token's document number from the first attention layer's
+    input, and its cross-entropy times `weight`, averaged over a prompt's document tokens and summed
+    over the batch. Not part of the saved model. Measured on stage 10: the number is read there from
+    a document's first tokens every time, from its last ones 58% of the time (3 documents: chance
+    35%), and it is the last ones (the copied words) that the attention looks at while writing the
+    answer; this teaches the Mamba layers below to carry the number through the whole document."""
+
+    def __init__(self, width: int, weight: float, documents: int = 4):
+        super().__init__()
+        self.read = torch.nn.Linear(width, documents)
+        self.weight = weight
+
+    def loss(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        numbers = batch["document_number"]
+        losses = F.cross_entropy(self.read(hidden).transpose(1, 2), numbers.clamp(min=0), reduction="none")
+        inside = numbers >= 0
+        per_prompt = (losses * inside).sum(-1) / inside.sum(-1).clamp(min=1)
+        return self.weight * per_prompt.sum()
 
 
 def cited_attention_loss(attentions: tuple[Any, ...], batch: dict[str, torch.Tensor], head: int) -> torch.Tensor:
@@ -382,6 +489,16 @@ def _starting_model(config: TrainConfig, vocab_size: int, eos_ids: list[int]) ->
     return model, generation
 
 
+def _probes(config: TrainConfig, model: Any) -> tuple[CitedValueProbe | None, DocumentNumberProbe | None]:
+    """The auxiliary reads a run trains beside the model (and does not save), if asked."""
+    value = number = None
+    if config.cite_value:
+        value = CitedValueProbe(first_attention(model).o_proj.in_features, config.cite_value, config.cite_value_window)
+    if config.document_number:
+        number = DocumentNumberProbe(model.config.hidden_size, config.document_number)
+    return value, number
+
+
 def _train(config: TrainConfig) -> dict[str, Any]:
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -396,7 +513,8 @@ def _train(config: TrainConfig) -> dict[str, Any]:
     kinds = config.kinds.split(",") if config.kinds else None
     key_arguments = bool(config.key_arguments)
     train_set = encode(
-        tokenizer, chat_template, "train", config.train_examples, config.seed, kinds, key_arguments, config.cite_attention > 0
+        tokenizer, chat_template, "train", config.train_examples, config.seed, kinds, key_arguments,
+        config.cite_attention > 0 or config.cite_value > 0, config.document_number > 0,
     )
     heldout = encode(tokenizer, chat_template, "heldout", config.heldout_examples, config.seed, kinds)
     # A fixed slice of training examples gives a train loss comparable over time.
@@ -404,7 +522,9 @@ def _train(config: TrainConfig) -> dict[str, Any]:
     model_config = {key: getattr(model.config, key) for key in dev_model.MODEL_CONFIG}
     log: dict[str, Any] = {"config": asdict(config), "model_config": model_config, "evals": []}
     log["encode_seconds"] = round(time.monotonic() - started, 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    value_probe, number_probe = _probes(config, model)
+    trained = [*model.parameters(), *(p for probe in (value_probe, number_probe) if probe for p in probe.parameters())]
+    optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
     log["evals"].append({"step": 0, **_losses(model, probes, config.batch_size, pad_id)})
     print(json.dumps(log["evals"][-1]), flush=True)
     queue: list[list[Sequence]] = []
@@ -417,10 +537,11 @@ def _train(config: TrainConfig) -> dict[str, Any]:
         tick = time.monotonic()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
-        loss, tokens = reply_loss(model, collate(queue.pop(), pad_id), config.key_weight, config.cite_attention, config.cite_head)
+        batch = collate(queue.pop(), pad_id)
+        loss, tokens = reply_loss(model, batch, config.key_weight, config.cite_attention, config.cite_head, value_probe, number_probe)
         optimizer.zero_grad()
         (loss / tokens).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         step += 1
         step_seconds += time.monotonic() - tick
@@ -444,7 +565,7 @@ def _train(config: TrainConfig) -> dict[str, Any]:
 OPTION_TYPES = {
     "learning_rate": float, "weight_decay": float, "max_minutes": float, "init_from": str,
     "kinds": str, "stop_at": int, "key_weight": float, "grow_layers": int,
-    "kv_heads": int, "cite_attention": float,
+    "kv_heads": int, "cite_attention": float, "cite_value": float, "document_number": float,
 }  # fmt: skip
 
 

@@ -14,10 +14,13 @@ from jamba_server.dev_model import build_model
 from jamba_server.settings import DEFAULT_TEMPLATE
 from jamba_server.train_dev_model import (
     IGNORE,
+    CitedValueProbe,
+    DocumentNumberProbe,
     Sequence,
     TrainConfig,
     cited_span,
     collate,
+    document_spans,
     grow,
     init_time_steps,
     key_token_mask,
@@ -148,7 +151,8 @@ def test_a_citing_reply_knows_its_opening_bracket_and_the_cited_documents_tokens
         if not example.reply.get("citations"):
             assert span is None
             continue
-        query, start, end = span
+        query, start, end, number = span
+        assert number == example.reply["citations"][0]
         ids = rendered.prompt.token_ids + rendered.target_ids
         assert tokenizer.decode(ids[query - 1 : query + 2]) == f"<citations>[{example.reply['citations'][0]}"
         document = example.request["documents"][example.reply["citations"][0]]
@@ -161,7 +165,7 @@ def test_cited_attention_loss_is_minus_log_the_heads_attention_on_the_document_a
     model, _ = build_model(64, [2, 5])
     model.set_attn_implementation("eager")
     ids = torch.randint(14, 64, (30,), generator=torch.Generator().manual_seed(2)).tolist()
-    sequence = Sequence(ids, [IGNORE] * 20 + ids[20:], cite=(25, 5, 12))
+    sequence = Sequence(ids, [IGNORE] * 20 + ids[20:], cite=(25, 5, 12, 1))
     batch = collate([sequence, Sequence(ids[:10], [IGNORE] * 5 + ids[5:10])], pad_id=0)
     with trainable_scan():
         plain, _ = reply_loss(model, batch)
@@ -172,6 +176,48 @@ def test_cited_attention_loss_is_minus_log_the_heads_attention_on_the_document_a
     torch.testing.assert_close(taught - plain, -2.0 * torch.log(mass + 1e-6))
     queries = model.model.layers[2].self_attn.q_proj.weight.grad.view(2, -1, model.config.hidden_size)
     assert queries[1].abs().sum() > 0 and queries[0].abs().sum() == 0  # it teaches that head alone
+
+
+def test_cited_value_probe_reads_the_number_from_the_heads_output_before_the_bracket_and_teaches_values():
+    model, _ = build_model(64, [2, 5])
+    ids = torch.randint(14, 64, (30,), generator=torch.Generator().manual_seed(3)).tolist()
+    sequence = Sequence(ids, [IGNORE] * 20 + ids[20:], cite=(25, 5, 12, 2))
+    batch = collate([sequence, Sequence(ids[:10], [IGNORE] * 5 + ids[5:10])], pad_id=0)
+    attention = model.model.layers[2].self_attn
+    probe = CitedValueProbe(attention.o_proj.in_features, weight=3.0, window=2)
+    heads = []
+    hook = attention.o_proj.register_forward_pre_hook(lambda _, args: heads.append(args[0]))
+    with trainable_scan():
+        plain, _ = reply_loss(model, batch)
+        hook.remove()
+        taught, _ = reply_loss(model, batch, value_probe=probe)
+        (taught - plain).backward()
+    read = probe.read(heads[0][0, [24, 23]].detach())
+    wanted = 3.0 * torch.nn.functional.cross_entropy(read, torch.tensor([2, 2]))
+    torch.testing.assert_close(taught - plain, wanted)
+    assert attention.v_proj.weight.grad.abs().sum() > 0  # it teaches what the heads carry
+    assert attention.o_proj.weight.grad is None or attention.o_proj.weight.grad.abs().sum() == 0
+    assert probe.read.weight.grad.abs().sum() > 0
+
+
+def test_document_spans_are_each_documents_title_and_text_and_the_number_probe_reads_them(dev_model):
+    tokenizer = AutoTokenizer.from_pretrained(dev_model)
+    template = DEFAULT_TEMPLATE.read_text(encoding="utf-8")
+    example = next(e for e in dev_corpus.generate("heldout", 20, seed=4, kinds=["documents"]))
+    rendered = dev_corpus.render_example(example, tokenizer, template)
+    ids = rendered.prompt.token_ids
+    spans = document_spans(tokenizer, rendered.prompt.text, ids)
+    documents = example.request["documents"]
+    assert [tokenizer.decode(ids[a:b]).strip() for a, b in spans] == [
+        f"Title: {d['title']}\nText: {d['text']}" for d in documents
+    ]
+    batch = collate([Sequence(ids, [IGNORE] * len(ids), documents=tuple(spans))], pad_id=0)
+    hidden = torch.randn(1, len(ids), 8, generator=torch.Generator().manual_seed(1))
+    probe = DocumentNumberProbe(8, weight=2.0)
+    inside = [i for a, b in spans for i in range(a, b)]
+    numbers = torch.tensor([n for n, (a, b) in enumerate(spans) for _ in range(a, b)])
+    wanted = 2.0 * torch.nn.functional.cross_entropy(probe.read(hidden[0, inside]), numbers)
+    torch.testing.assert_close(probe.loss(hidden, batch), wanted)
 
 
 def test_a_short_run_writes_a_model_directory_transformers_loads_and_generates_with(tmp_path, dev_model):
