@@ -14,6 +14,7 @@ from jamba_server.dev_model import build_model
 from jamba_server.settings import DEFAULT_TEMPLATE
 from jamba_server.train_dev_model import (
     IGNORE,
+    CitedCarryProbe,
     CitedValueProbe,
     DocumentNumberProbe,
     Sequence,
@@ -24,6 +25,7 @@ from jamba_server.train_dev_model import (
     grow,
     init_time_steps,
     key_token_mask,
+    name_anchors,
     reply_loss,
     selective_scan,
     train,
@@ -198,6 +200,68 @@ def test_cited_value_probe_reads_the_number_from_the_heads_output_before_the_bra
     assert attention.v_proj.weight.grad.abs().sum() > 0  # it teaches what the heads carry
     assert attention.o_proj.weight.grad is None or attention.o_proj.weight.grad.abs().sum() == 0
     assert probe.read.weight.grad.abs().sum() > 0
+
+
+def test_name_anchors_are_the_last_token_of_the_cited_name_in_the_question_and_in_the_reply(dev_model):
+    tokenizer = AutoTokenizer.from_pretrained(dev_model)
+    template = DEFAULT_TEMPLATE.read_text(encoding="utf-8")
+    kinds = set()
+    for example in dev_corpus.generate("heldout", 40, seed=5, kinds=["documents", "citation_who"]):
+        rendered = dev_corpus.render_example(example, tokenizer, template)
+        anchors = name_anchors(tokenizer, rendered)
+        if not example.reply.get("citations"):
+            assert anchors == ()
+            continue
+        name = example.request["documents"][example.reply["citations"][0]]["title"]
+        ids = rendered.prompt.token_ids + rendered.target_ids
+        question = len(rendered.prompt.token_ids) - 3  # before `<|eom|><|bom|><|assistant|>`
+        wanted = [name in example.request["messages"][-1]["content"], True]  # the question, the reply
+        assert [any(a < question for a in anchors), any(a >= question for a in anchors)] == wanted
+        for anchor in anchors:
+            assert tokenizer.decode(ids[anchor - 6 : anchor + 1]).endswith(name)  # the name ends there
+            assert not tokenizer.decode(ids[anchor - 6 : anchor + 2]).endswith(name)
+        kinds.add((example.kind, len(anchors)))
+    assert kinds == {("citation", 2), ("citation_who", 1)}
+
+
+def test_the_cite_losses_at_name_anchors_average_over_them():
+    model, _ = build_model(64, [2, 5])
+    model.set_attn_implementation("eager")
+    ids = torch.randint(14, 64, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+    sequence = Sequence(ids, [IGNORE] * 20 + ids[20:], cite=(25, 5, 12, 3), anchors=(16, 22))
+    batch = collate([sequence, Sequence(ids[:10], [IGNORE] * 5 + ids[5:10])], pad_id=0)
+    attention = model.model.layers[2].self_attn
+    probe = CitedValueProbe(attention.o_proj.in_features, weight=3.0, window=2, at_anchors=True)
+    heads = []
+    hook = attention.o_proj.register_forward_pre_hook(lambda _, args: heads.append(args[0]))
+    with trainable_scan():
+        plain, _ = reply_loss(model, batch)
+        hook.remove()
+        looked, _ = reply_loss(model, batch, cite_attention=2.0, cite_head=0)
+        read, _ = reply_loss(model, batch, value_probe=probe)
+        weights = next(a for a in model(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_attentions=True).attentions if a is not None)
+    mass = weights[0, 0, [16, 22], 5:12].sum(-1)
+    torch.testing.assert_close(looked - plain, -2.0 * torch.log(mass + 1e-6).mean())
+    wanted = 3.0 * torch.nn.functional.cross_entropy(probe.read(heads[0][0, [16, 22]]), torch.tensor([3, 3]))
+    torch.testing.assert_close(read - plain, wanted)
+
+
+def test_the_carry_probe_reads_the_number_from_the_reply_name_to_the_bracket_and_teaches_the_last_layer():
+    model, _ = build_model(64, [2, 5])
+    ids = torch.randint(14, 64, (30,), generator=torch.Generator().manual_seed(5)).tolist()
+    sequence = Sequence(ids, [IGNORE] * 20 + ids[20:], cite=(25, 5, 12, 1), anchors=(16, 22))
+    batch = collate([sequence, Sequence(ids[:10], [IGNORE] * 5 + ids[5:10])], pad_id=0)
+    assert batch["cite_carry"][0].nonzero().squeeze(1).tolist() == [22, 23, 24, 25]
+    assert not batch["cite_carry"][1].any()
+    probe = CitedCarryProbe(model.config.hidden_size, weight=2.0)
+    with trainable_scan():
+        plain, _ = reply_loss(model, batch)
+        hidden = model(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True).hidden_states[-1]
+        carried, _ = reply_loss(model, batch, carry_probe=probe)
+        (carried - plain).backward()
+    wanted = 2.0 * torch.nn.functional.cross_entropy(probe.read(hidden[0, 22:26]), torch.tensor([1] * 4))
+    torch.testing.assert_close(carried - plain, wanted)
+    assert model.model.layers[3].mamba.out_proj.weight.grad.abs().sum() > 0  # the last Mamba layer learns to carry it
 
 
 def test_document_spans_are_each_documents_title_and_text_and_the_number_probe_reads_them(dev_model):
