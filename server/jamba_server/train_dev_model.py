@@ -62,7 +62,7 @@ class TrainConfig:
     document_number: float = 0.0  # weight of `DocumentNumberProbe`'s loss (0: none)
     cite_at_name: int = 0  # 1: teach the cite attention and value at the cited name (`name_anchors`), not the `[`;
     # 2: there and at every reply position after the name up to the `[`
-    cite_carry: float = 0.0  # weight of `CitedCarryProbe`'s loss (0: none; needs `cite_at_name`)
+    cite_carry: float = 0.0  # weight of `CitedCarryProbe`'s loss (0: none); needs `cite_at_name` 1 (with 2: the `[` only)
 
 
 def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -247,10 +247,10 @@ def cited_span(tokenizer: Any, rendered: dev_corpus.RenderedExample) -> tuple[in
 def name_anchors(tokenizer: Any, rendered: dev_corpus.RenderedExample) -> tuple[int, ...]:
     """The position of the last token of the cited document's title (a person's name) where the
     question names it and where the reply does: a query there knows the whole name and can match the
-    title by it (what a copy head does), and the document's number is a few tokens from its title. Measured on stage 10 with the loss at the `[`
-    (`--cite-attention`): the head spread its attention evenly over the documents, its query there
-    knowing the answer's words but not which document they came from. Empty when the name is not
-    found, or a text does not tokenize to its ids."""
+    title by it (what a copy head does), and the document's number is a few tokens from its title.
+    Measured on stage 10 with the loss at the `[` (`--cite-attention`): the head spread its attention
+    evenly over the documents, its query there knowing the answer's words but not which document
+    they came from. Empty when the name is not found, or a text does not tokenize to its ids."""
     cited = rendered.example.reply.get("citations")
     if not cited or len(cited) != 1:
         return ()
@@ -440,10 +440,17 @@ class CitedValueProbe(torch.nn.Module):
         return self.weight * losses.view(-1, self.window).mean(-1).sum()
 
     def _loss_at_anchors(self, heads: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        anchors = batch["cite_anchor"]
-        target = batch["cite_index"].clamp(min=0)[:, None].expand(-1, anchors.size(1))
-        losses = F.cross_entropy(self.read(heads).transpose(1, 2), target, reduction="none")
-        return self.weight * ((losses * anchors).sum(-1) / anchors.sum(-1).clamp(min=1)).sum()
+        return self.weight * _cited_number_loss(self.read, heads, batch["cite_anchor"], batch["cite_index"])
+
+
+def _cited_number_loss(
+    read: torch.nn.Linear, features: torch.Tensor, where: torch.Tensor, cited: torch.Tensor
+) -> torch.Tensor:
+    """The cross-entropy of `read`ing each row's `cited` number from `features` (batch, position,
+    width), averaged over the positions `where` marks and summed over the batch (0 for a row with none)."""
+    target = cited.clamp(min=0)[:, None].expand(-1, where.size(1))
+    losses = F.cross_entropy(read(features).transpose(1, 2), target, reduction="none")
+    return ((losses * where).sum(-1) / where.sum(-1).clamp(min=1)).sum()
 
 
 class DocumentNumberProbe(torch.nn.Module):
@@ -481,10 +488,7 @@ class CitedCarryProbe(torch.nn.Module):
         self.weight = weight
 
     def loss(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        carry = batch["cite_carry"]
-        target = batch["cite_index"].clamp(min=0)[:, None].expand(-1, carry.size(1))
-        losses = F.cross_entropy(self.read(hidden).transpose(1, 2), target, reduction="none")
-        return self.weight * ((losses * carry).sum(-1) / carry.sum(-1).clamp(min=1)).sum()
+        return self.weight * _cited_number_loss(self.read, hidden, batch["cite_carry"], batch["cite_index"])
 
 
 def cited_attention_loss(attentions: tuple[Any, ...], batch: dict[str, torch.Tensor], head: int) -> torch.Tensor:
