@@ -19,7 +19,7 @@ from jamba_server.settings import DEFAULT_TEMPLATE
 SEED = 1234
 TRAINED_SOURCE = Path(__file__).resolve().parents[2] / "dev-model" / "jamba-tiny-dev-trained"
 # of TRAINED_SOURCE/model.safetensors: a changed file fails `make model` (update it with the file)
-TRAINED_SHA256 = "849fb96202e20e67b4c307b55796120a27e22917f833b489eb2727def405f888"
+TRAINED_SHA256 = "0e51c9f8db24f063468d82215318b6aa854f5b219a7f9561cbc8b7047c7e6ee6"
 VOCAB_SIZE = 1024
 
 # Ids 0-3 follow Jamba's tokenizer; the rest are Jamba 1.5's chat and tool tokens, each one token.
@@ -115,7 +115,7 @@ def build_tokenizer(chat_template: str):
 
 # What training may change of `MODEL_CONFIG` (`train_dev_model.grow`, `widen_kv_heads`): a build from
 # trained weights takes these from them.
-TRAINABLE_SHAPE = ("num_hidden_layers", "num_key_value_heads")
+TRAINABLE_SHAPE = ("num_hidden_layers", "attn_layer_period", "num_key_value_heads")
 
 
 def build_model(vocab_size: int, eos_ids: list[int], **shape: int):

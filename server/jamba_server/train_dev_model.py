@@ -63,6 +63,9 @@ class TrainConfig:
     cite_at_name: int = 0  # 1: teach the cite attention and value at the cited name (`name_anchors`), not the `[`;
     # 2: there and at every reply position after the name up to the `[`
     cite_carry: float = 0.0  # weight of `CitedCarryProbe`'s loss (0: none); needs `cite_at_name` 1 (with 2: the `[` only)
+    grow_attn_period: int | None = None  # with `grow_layers`: the grown model's attention period (its first layers' kinds kept)
+    cite_hop: float = 0.0  # weight of `cited_hop_loss` (0: none); needs `cite_at_name` and a second attention layer
+    cite_hop_head: int = 0  # the second attention layer's head `cited_hop_loss` teaches
 
 
 def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -115,17 +118,22 @@ def init_time_steps(model: Any, seed: int, dt_min: float = 1e-3, dt_max: float =
 OUTPUT_PROJECTIONS = ("out_proj.weight", "o_proj.weight", "down_proj.weight", "experts.down_proj")
 
 
-def grow(model: Any, layers: int, seed: int) -> Any:
+def grow(model: Any, layers: int, seed: int, attn_period: int | None = None) -> Any:
     """`model` deepened to `layers` layers, computing the same function: its layers come first, the new
-    ones (the same attention and MoE pattern, fresh weights, Mamba's time steps from `init_time_steps`)
-    have their output projections zeroed. Training then adds what its depth could not hold."""
+    ones (the same attention and MoE pattern, or every `attn_period`-th layer attention, fresh weights,
+    Mamba's time steps from `init_time_steps`) have their output projections zeroed. Training then
+    adds what its depth could not hold."""
     from transformers import JambaForCausalLM
 
     config = copy.deepcopy(model.config)
     old = config.num_hidden_layers
     if layers <= old:
         raise ValueError(f"the model has {old} layers already; grow_layers must be more")
+    kinds = (config.layers_block_type, config.layers_num_experts)
     config.num_hidden_layers = layers
+    config.attn_layer_period = attn_period or config.attn_layer_period
+    if (config.layers_block_type[:old], config.layers_num_experts[:old]) != kinds:
+        raise ValueError(f"attention period {attn_period} changes the kinds of the model's {old} layers")
     torch.manual_seed(seed)
     grown = JambaForCausalLM(config).to(torch.float32)
     init_time_steps(grown, seed)
@@ -360,13 +368,15 @@ def reply_loss(
     value_probe: "CitedValueProbe | None" = None,
     number_probe: "DocumentNumberProbe | None" = None,
     carry_probe: "CitedCarryProbe | None" = None,
+    cite_hop: float = 0.0,
+    cite_hop_head: int = 0,
 ) -> tuple[torch.Tensor, float]:
     """Summed next-token cross-entropy over the reply tokens, and how many there are; with a
     `key_weight`, each deciding token (`batch["key"]`) counts that many times in both; with
-    `cite_attention`, plus that times `cited_attention_loss`; with a `value_probe`, a
-    `number_probe` or a `carry_probe`, plus its loss."""
+    `cite_attention` or `cite_hop`, plus that times `cited_attention_loss` or `cited_hop_loss`; with
+    a `value_probe`, a `number_probe` or a `carry_probe`, plus its loss."""
     citing = bool((batch["cite_query"] >= 0).any())
-    supervise = cite_attention > 0 and citing
+    supervise = (cite_attention > 0 or cite_hop > 0) and citing
     numbered = number_probe is not None and bool((batch["document_number"] >= 0).any())
     carried = carry_probe is not None and citing
     captured: dict[str, torch.Tensor] = {}
@@ -377,6 +387,8 @@ def reply_loss(
         )  # fmt: skip
     logits = output.logits
     extra = cite_attention * cited_attention_loss(output.attentions, batch, cite_head) if supervise else 0.0
+    if supervise and cite_hop:
+        extra = extra + cite_hop * cited_hop_loss(output.attentions, batch, cite_hop_head)
     if captured:
         extra = extra + value_probe.loss(captured["heads"], batch)
     if numbered:
@@ -503,6 +515,19 @@ def cited_attention_loss(attentions: tuple[Any, ...], batch: dict[str, torch.Ten
     return ((-torch.log(mass + 1e-6) * anchors).sum(-1) / anchors.sum(-1).clamp(min=1)).sum()
 
 
+def cited_hop_loss(attentions: tuple[Any, ...], batch: dict[str, torch.Tensor], head: int) -> torch.Tensor:
+    """-log of the attention `head` of the second attention layer pays, at the `[` opening a
+    citation, to the cited name's `name_anchors` (in the question and in the reply), summed over the
+    batch. There the first attention layer, taught by `--cite-at-name`, has put the cited document's
+    number (a probe read it 99% of the time), and no Mamba layer after it carried the number the
+    eight or more tokens to the `[` (49%): a second attention layer can fetch it from there."""
+    weights = [a for a in attentions if a is not None][1][:, head]  # (batch, query, key)
+    rows = (batch["cite_query"] >= 0).nonzero().squeeze(1)
+    at_query = weights[rows, batch["cite_query"][rows]]  # (rows, key)
+    mass = (at_query * batch["cite_anchor"][rows]).sum(-1)
+    return -torch.log(mass + 1e-6).sum()
+
+
 @torch.no_grad()
 def evaluate(model: Any, sequences: list[Sequence], batch_size: int, pad_id: int) -> float:
     """Mean loss per reply token."""
@@ -543,6 +568,8 @@ def _losses(model: Any, probes: dict[str, list[Sequence]], batch_size: int, pad_
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train, evaluate along the way, save; return the log (also written as train_log.json)."""
+    if config.cite_hop and config.cite_at_name != 1:
+        raise ValueError("cite_hop reads the name anchors: it needs cite_at_name 1")
     with trainable_scan():
         return _train(config)
 
@@ -558,10 +585,10 @@ def _starting_model(config: TrainConfig, vocab_size: int, eos_ids: list[int]) ->
     else:
         init_time_steps(model, config.seed)
     if config.grow_layers:
-        model = grow(model, config.grow_layers, config.seed)
+        model = grow(model, config.grow_layers, config.seed, config.grow_attn_period)
     if config.kv_heads:
         model = widen_kv_heads(model, config.kv_heads)
-    if config.cite_attention:
+    if config.cite_attention or config.cite_hop:
         model.set_attn_implementation("eager")  # the one that returns attention weights
     return model, generation
 
@@ -595,7 +622,8 @@ def _train(config: TrainConfig) -> dict[str, Any]:
     key_arguments = bool(config.key_arguments)
     train_set = encode(
         tokenizer, chat_template, "train", config.train_examples, config.seed, kinds, key_arguments,
-        config.cite_attention > 0 or config.cite_value > 0 or config.cite_carry > 0, config.document_number > 0,
+        config.cite_attention > 0 or config.cite_value > 0 or config.cite_carry > 0 or config.cite_hop > 0,
+        config.document_number > 0,
         config.cite_at_name,
     )
     heldout = encode(tokenizer, chat_template, "heldout", config.heldout_examples, config.seed, kinds)
@@ -621,7 +649,10 @@ def _train(config: TrainConfig) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
         batch = collate(queue.pop(), pad_id)
-        loss, tokens = reply_loss(model, batch, config.key_weight, config.cite_attention, config.cite_head, *auxiliary)
+        loss, tokens = reply_loss(
+            model, batch, config.key_weight, config.cite_attention, config.cite_head, *auxiliary,
+            cite_hop=config.cite_hop, cite_hop_head=config.cite_hop_head,
+        )  # fmt: skip
         optimizer.zero_grad()
         (loss / tokens).backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -649,7 +680,7 @@ OPTION_TYPES = {
     "learning_rate": float, "weight_decay": float, "max_minutes": float, "init_from": str,
     "kinds": str, "stop_at": int, "key_weight": float, "grow_layers": int,
     "kv_heads": int, "cite_attention": float, "cite_value": float, "document_number": float,
-    "cite_carry": float,
+    "cite_carry": float, "cite_hop": float,
 }  # fmt: skip
 
 

@@ -27,7 +27,9 @@ def test_changed_weights_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "shape", [{}, {"num_hidden_layers": 8}, {"num_key_value_heads": 2}], ids=["as-built", "grown", "widened"]
+    "shape",
+    [{}, {"num_hidden_layers": 8}, {"num_hidden_layers": 6, "attn_layer_period": 3}, {"num_key_value_heads": 2}],
+    ids=["as-built", "grown", "grown-period-3", "widened"],
 )
 def test_a_build_from_weights_carries_them_and_the_train_log(tmp_path, shape):
     source = tmp_path / "source"

@@ -19,6 +19,7 @@ from jamba_server.train_dev_model import (
     DocumentNumberProbe,
     Sequence,
     TrainConfig,
+    cited_hop_loss,
     cited_span,
     collate,
     document_spans,
@@ -343,6 +344,41 @@ def test_growing_adds_layers_of_the_same_pattern_and_keeps_the_function():
     assert grown.model.layers[-1].mamba.out_proj.weight.grad.abs().sum() > 0  # the new layers learn
     with pytest.raises(ValueError, match="more"):
         grow(model, layers, seed=1)
+
+
+def test_growing_with_an_attention_period_puts_attention_where_it_says_and_keeps_the_first_layers():
+    model, _ = build_model(688, [2, 5])
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    grown = grow(model, 6, seed=1, attn_period=3)
+    assert grown.config.layers_block_type == ["mamba", "mamba", "attention", "mamba", "mamba", "attention"]
+    assert grown.config.layers_num_experts[:4] == model.config.layers_num_experts
+    ids = torch.randint(20, 600, (2, 40), generator=torch.Generator().manual_seed(0))
+    with trainable_scan(), torch.no_grad():
+        torch.testing.assert_close(grown(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="changes the kinds"):
+        grow(model, 6, seed=1, attn_period=2)  # layer 0 would become attention
+
+
+def test_the_hop_loss_is_minus_log_the_second_attention_layers_head_on_the_name_anchors_at_the_bracket():
+    model = grow(build_model(64, [2, 5])[0], 6, seed=2, attn_period=3)
+    model.set_attn_implementation("eager")
+    ids = torch.randint(14, 64, (30,), generator=torch.Generator().manual_seed(6)).tolist()
+    sequence = Sequence(ids, [IGNORE] * 20 + ids[20:], cite=(25, 5, 12, 1), anchors=(16, 22))
+    batch = collate([sequence, Sequence(ids[:10], [IGNORE] * 5 + ids[5:10])], pad_id=0)
+    with trainable_scan():
+        plain, _ = reply_loss(model, batch)
+        hopped, _ = reply_loss(model, batch, cite_hop=2.0, cite_hop_head=1)
+        attentions = model(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_attentions=True).attentions
+        (hopped - plain).backward()
+    second = [a for a in attentions if a is not None][1]
+    torch.testing.assert_close(hopped - plain, -2.0 * torch.log(second[0, 1, 25, [16, 22]].sum() + 1e-6))
+    torch.testing.assert_close(cited_hop_loss(attentions, batch, 1), -torch.log(second[0, 1, 25, [16, 22]].sum() + 1e-6))
+    queries = model.model.layers[5].self_attn.q_proj.weight.grad.view(2, -1, model.config.hidden_size)
+    assert queries[1].abs().sum() > 0 and queries[0].abs().sum() == 0  # it teaches that head alone
+    with pytest.raises(ValueError, match="cite_at_name 1"):
+        train(TrainConfig(out="unused", cite_hop=1.0))
 
 
 def test_widening_gives_each_query_head_its_own_key_value_head_and_keeps_the_function():
