@@ -520,12 +520,15 @@ def cited_hop_loss(attentions: tuple[Any, ...], batch: dict[str, torch.Tensor], 
     citation, to the cited name's `name_anchors` (in the question and in the reply), summed over the
     batch. There the first attention layer, taught by `--cite-at-name`, has put the cited document's
     number (a probe read it 99% of the time), and no Mamba layer after it carried the number the
-    eight or more tokens to the `[` (49%): a second attention layer can fetch it from there."""
+    eight or more tokens to the `[` (49%): a second attention layer can fetch it from there. A row
+    without name anchors (its anchor is the `[` itself) adds nothing."""
     weights = [a for a in attentions if a is not None][1][:, head]  # (batch, query, key)
     rows = (batch["cite_query"] >= 0).nonzero().squeeze(1)
-    at_query = weights[rows, batch["cite_query"][rows]]  # (rows, key)
-    mass = (at_query * batch["cite_anchor"][rows]).sum(-1)
-    return -torch.log(mass + 1e-6).sum()
+    queries = batch["cite_query"][rows]
+    anchors = batch["cite_anchor"][rows].clone()
+    anchors[torch.arange(len(rows)), queries] = False
+    mass = (weights[rows, queries] * anchors).sum(-1)  # (rows,)
+    return (-torch.log(mass + 1e-6) * anchors.any(-1)).sum()
 
 
 @torch.no_grad()
@@ -588,6 +591,8 @@ def _starting_model(config: TrainConfig, vocab_size: int, eos_ids: list[int]) ->
         model = grow(model, config.grow_layers, config.seed, config.grow_attn_period)
     if config.kv_heads:
         model = widen_kv_heads(model, config.kv_heads)
+    if config.cite_hop and sum(hasattr(layer, "self_attn") for layer in model.model.layers) < 2:
+        raise ValueError("cite_hop teaches the second attention layer: grow one (grow_layers, grow_attn_period)")
     if config.cite_attention or config.cite_hop:
         model.set_attn_implementation("eager")  # the one that returns attention weights
     return model, generation

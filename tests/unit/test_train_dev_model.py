@@ -361,7 +361,7 @@ def test_growing_with_an_attention_period_puts_attention_where_it_says_and_keeps
         grow(model, 6, seed=1, attn_period=2)  # layer 0 would become attention
 
 
-def test_the_hop_loss_is_minus_log_the_second_attention_layers_head_on_the_name_anchors_at_the_bracket():
+def test_the_hop_loss_is_minus_log_the_second_attention_layers_head_on_the_name_anchors_at_the_bracket(tmp_path):
     model = grow(build_model(64, [2, 5])[0], 6, seed=2, attn_period=3)
     model.set_attn_implementation("eager")
     ids = torch.randint(14, 64, (30,), generator=torch.Generator().manual_seed(6)).tolist()
@@ -377,8 +377,14 @@ def test_the_hop_loss_is_minus_log_the_second_attention_layers_head_on_the_name_
     torch.testing.assert_close(cited_hop_loss(attentions, batch, 1), -torch.log(second[0, 1, 25, [16, 22]].sum() + 1e-6))
     queries = model.model.layers[5].self_attn.q_proj.weight.grad.view(2, -1, model.config.hidden_size)
     assert queries[1].abs().sum() > 0 and queries[0].abs().sum() == 0  # it teaches that head alone
+    without_names = collate([Sequence(ids, [IGNORE] * 20 + ids[20:], cite=(25, 5, 12, 1))], pad_id=0)
+    with trainable_scan(), torch.no_grad():
+        unnamed = model(input_ids=without_names["input_ids"], output_attentions=True).attentions
+    assert cited_hop_loss(unnamed, without_names, 1) == 0  # its only anchor is the `[` itself
     with pytest.raises(ValueError, match="cite_at_name 1"):
         train(TrainConfig(out="unused", cite_hop=1.0))
+    with pytest.raises(ValueError, match="second attention layer"):
+        train(TrainConfig(out=str(tmp_path / "run"), cite_hop=1.0, cite_at_name=1, steps=1))
 
 
 def test_widening_gives_each_query_head_its_own_key_value_head_and_keeps_the_function():
