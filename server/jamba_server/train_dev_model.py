@@ -405,8 +405,12 @@ def reply_loss(
     return (losses[reply] * weights).sum() + extra, float(weights.sum())
 
 
+def _attention_indices(model: Any) -> list[int]:
+    return [i for i, layer in enumerate(model.model.layers) if hasattr(layer, "self_attn")]
+
+
 def _first_attention_index(model: Any) -> int:
-    return next(i for i, layer in enumerate(model.model.layers) if hasattr(layer, "self_attn"))
+    return _attention_indices(model)[0]
 
 
 def first_attention(model: Any) -> Any:
@@ -591,7 +595,7 @@ def _starting_model(config: TrainConfig, vocab_size: int, eos_ids: list[int]) ->
         model = grow(model, config.grow_layers, config.seed, config.grow_attn_period)
     if config.kv_heads:
         model = widen_kv_heads(model, config.kv_heads)
-    if config.cite_hop and sum(hasattr(layer, "self_attn") for layer in model.model.layers) < 2:
+    if config.cite_hop and len(_attention_indices(model)) < 2:
         raise ValueError("cite_hop teaches the second attention layer: grow one (grow_layers, grow_attn_period)")
     if config.cite_attention or config.cite_hop:
         model.set_attn_implementation("eager")  # the one that returns attention weights
@@ -612,6 +616,18 @@ def _probes(config: TrainConfig, model: Any) -> tuple[Any, ...]:
     return value, number, carry
 
 
+def _encoded_splits(config: TrainConfig, tokenizer: Any, chat_template: str) -> tuple[list[Sequence], list[Sequence]]:
+    """The run's training and held-out sequences; the training ones with what its cite losses and
+    probes read (cited spans, document spans, name anchors)."""
+    kinds = config.kinds.split(",") if config.kinds else None
+    cited = config.cite_attention > 0 or config.cite_value > 0 or config.cite_carry > 0 or config.cite_hop > 0
+    train_set = encode(
+        tokenizer, chat_template, "train", config.train_examples, config.seed, kinds, bool(config.key_arguments),
+        cited, config.document_number > 0, config.cite_at_name,
+    )  # fmt: skip
+    return train_set, encode(tokenizer, chat_template, "heldout", config.heldout_examples, config.seed, kinds)
+
+
 def _train(config: TrainConfig) -> dict[str, Any]:
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -623,15 +639,7 @@ def _train(config: TrainConfig) -> dict[str, Any]:
     model.train()
     pad_id = tokenizer.pad_token_id
     started = time.monotonic()
-    kinds = config.kinds.split(",") if config.kinds else None
-    key_arguments = bool(config.key_arguments)
-    train_set = encode(
-        tokenizer, chat_template, "train", config.train_examples, config.seed, kinds, key_arguments,
-        config.cite_attention > 0 or config.cite_value > 0 or config.cite_carry > 0 or config.cite_hop > 0,
-        config.document_number > 0,
-        config.cite_at_name,
-    )
-    heldout = encode(tokenizer, chat_template, "heldout", config.heldout_examples, config.seed, kinds)
+    train_set, heldout = _encoded_splits(config, tokenizer, chat_template)
     # A fixed slice of training examples gives a train loss comparable over time.
     probes = {"train": train_set[: config.heldout_examples], "heldout": heldout}
     model_config = {key: getattr(model.config, key) for key in dev_model.MODEL_CONFIG}
